@@ -1,0 +1,164 @@
+"""BIDS file names: the one place where names are parsed, built and walked.
+
+A BIDS-like name is ``<part>_<part>_..._<part><extension>``; a part is either an entity
+``key-value`` (``sub-01``, ``ses-02``, ``acq-lowresSag``, ``label-sacrum``) or a bare word
+(``T2w``, ``CT``, ``seg``). The *contrast* is the first bare word (``T2w`` in
+``sub-01_acq-x_T2w_seg.nii.gz``), the *suffix* the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import InputError
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+
+
+def split_extension(name: str) -> tuple[str, str]:
+    """Split a file name into stem and NIfTI extension (a real suffix, not a character set).
+
+    >>> split_extension("sub-01_T2w.nii.gz")
+    ('sub-01_T2w', '.nii.gz')
+    >>> split_extension("sub-01_run-1_seg.nii")
+    ('sub-01_run-1_seg', '.nii')
+    >>> split_extension("notes.txt")
+    ('notes.txt', '')
+    """
+    for ext in NIFTI_EXTENSIONS:
+        if name.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], ext
+    return name, ""
+
+
+@dataclass(frozen=True)
+class BidsName:
+    """A parsed BIDS-like file name.
+
+    >>> n = BidsName.parse("sub-001_ses-01_acq-lowresSag_T2w.nii.gz")
+    >>> n.sub, n.ses, n.contrast, n.suffix, n.extension
+    ('001', '01', 'T2w', 'T2w', '.nii.gz')
+    >>> n.with_contrast("CT").add_suffix("seg").name
+    'sub-001_ses-01_acq-lowresSag_CT_seg.nii.gz'
+    >>> BidsName.parse("sub-01_T2w_label-sacrum_seg.nii.gz").entities["label"]
+    'sacrum'
+    """
+
+    parts: tuple[str, ...]
+    extension: str = ".nii.gz"
+
+    @classmethod
+    def parse(cls, path: str | Path) -> "BidsName":
+        name = Path(path).name
+        stem, ext = split_extension(name)
+        parts = tuple(stem.split("_"))
+        if not parts[0].startswith("sub-") or len(parts[0]) <= 4 or any(p == "" for p in parts):
+            raise InputError(path, "not a BIDS file name (expected sub-<label>_..._<suffix>.nii.gz)")
+        return cls(parts, ext)
+
+    @property
+    def entities(self) -> dict[str, str]:
+        return dict(p.split("-", 1) for p in self.parts if "-" in p)
+
+    @property
+    def sub(self) -> str:
+        return self.entities["sub"]
+
+    @property
+    def ses(self) -> str | None:
+        return self.entities.get("ses")
+
+    @property
+    def bare(self) -> tuple[str, ...]:
+        return tuple(p for p in self.parts if "-" not in p)
+
+    @property
+    def contrast(self) -> str | None:
+        return self.bare[0] if self.bare else None
+
+    @property
+    def suffix(self) -> str | None:
+        return self.bare[-1] if self.bare else None
+
+    @property
+    def stem(self) -> str:
+        return "_".join(self.parts)
+
+    @property
+    def name(self) -> str:
+        return self.stem + self.extension
+
+    def with_contrast(self, contrast: str) -> "BidsName":
+        """Replace the contrast word (the first bare part); other parts are kept in place."""
+        if self.contrast is None:
+            raise InputError(self.name, "has no contrast suffix (T1w, T2w, CT, ...)")
+        i = self.parts.index(self.contrast)
+        return replace(self, parts=self.parts[:i] + (contrast,) + self.parts[i + 1 :])
+
+    def add_suffix(self, *parts: str) -> "BidsName":
+        """Append parts (``"seg"``, ``"label-sacrum"``) after the existing ones."""
+        return replace(self, parts=self.parts + tuple(parts))
+
+    def drop_suffix(self, *parts: str) -> "BidsName":
+        """Remove trailing parts; they must be there.
+
+        >>> BidsName.parse("sub-01_T2w_label-sacrum_seg.nii.gz").drop_suffix("label-sacrum", "seg").name
+        'sub-01_T2w.nii.gz'
+        """
+        n = len(parts)
+        if n == 0:
+            return self
+        if self.parts[-n:] != tuple(parts) or len(self.parts) <= n:
+            raise InputError(self.name, f"does not end with _{'_'.join(parts)}")
+        return replace(self, parts=self.parts[:-n])
+
+
+def is_ct(path: str | Path) -> bool:
+    """True for CT images (contrast ``CT``)."""
+    return BidsName.parse(path).contrast == "CT"
+
+
+def find_images(bids_dir: str | Path, *, include_ct: bool = False) -> list[Path]:
+    """Every NIfTI image of ``sub-*/[ses-*/]anat/`` in a BIDS dataset, sorted; CT excluded by default.
+
+    Derivatives, hidden files and names that are not BIDS are ignored.
+    """
+    root = Path(bids_dir)
+    if not root.is_dir():
+        raise InputError(root, "not a folder")
+    found = []
+    for pattern in ("sub-*/anat/sub-*", "sub-*/ses-*/anat/sub-*"):
+        for path in root.glob(pattern):
+            if not path.is_file() or split_extension(path.name)[1] == "":
+                continue
+            try:
+                bn = BidsName.parse(path)
+            except InputError:
+                continue
+            if bn.contrast == "CT" and not include_ct:
+                continue
+            found.append(path)
+    return sorted(found)
+
+
+def derivative_path(bids_dir: str | Path, image: str | Path, pipeline: str, *suffix: str) -> Path:
+    """``<bids_dir>/derivatives/<pipeline>/<image's folder relative to bids_dir>/<stem>_<suffix>.nii.gz``.
+
+    >>> str(derivative_path("/d", "/d/sub-01/anat/sub-01_T2w.nii.gz", "labels", "label-sacrum", "seg"))
+    '/d/derivatives/labels/sub-01/anat/sub-01_T2w_label-sacrum_seg.nii.gz'
+    """
+    root = Path(bids_dir)
+    image = Path(image)
+    rel = image.parent.relative_to(root)
+    name = BidsName.parse(image).add_suffix(*suffix)
+    return root / "derivatives" / pipeline / rel / (name.stem + ".nii.gz")
+
+
+def normalize_participant(label: str) -> str:
+    """Participant label with or without ``sub-``.
+
+    >>> normalize_participant("sub-01"), normalize_participant("01")
+    ('01', '01')
+    """
+    return label[4:] if label.startswith("sub-") else label

@@ -1,0 +1,190 @@
+"""NIfTI input/output with the contracts of DESIGN.md.
+
+* :func:`load_image` reads a file fully (so a truncated ``.nii.gz`` fails here, not later) and raises
+  :class:`~sacrum_masks.errors.InputError` for anything that is not a finite 3D image.
+* :func:`mask_like` builds a binary uint8 mask on the exact grid of a reference image
+  (same shape and affine, qform and sform both set).
+* :func:`save_nifti_atomic` / :func:`write_json_atomic` write a hidden temporary file in the
+  destination folder and rename it into place: readers never see a half-written file.
+* :func:`to_rpi` / :func:`from_rpi` reorient to SCT's "RPI" (nibabel axis codes L, A, S) and back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+from . import RPI_AXCODES
+from .errors import InputError
+
+
+def load_image(path: str | Path, *, check_finite: bool = True, squeeze_4d: bool = True):
+    """Load a 3D NIfTI image with its data read into memory.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``.nii`` or ``.nii.gz`` file.
+    check_finite : bool
+        Refuse images with NaN or infinite voxels.
+    squeeze_4d : bool
+        Accept a 4D image whose 4th dimension is 1 (returned as 3D).
+
+    Returns
+    -------
+    (nibabel.Nifti1Image, numpy.ndarray)
+        The image (header and affine) and its voxel array (scaled, as ``dataobj`` gives it).
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable or truncated file, not 3D, or non-finite voxels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+        raise InputError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
+    if data.ndim == 4 and data.shape[3] == 1 and squeeze_4d:
+        data = data[..., 0]
+        img = nib.Nifti1Image(data, img.affine, img.header)
+    if data.ndim != 3:
+        raise InputError(path, f"not a 3D image (shape {tuple(data.shape)})")
+    if min(data.shape) < 1:
+        raise InputError(path, f"empty image (shape {tuple(data.shape)})")
+    if check_finite and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise InputError(path, f"{bad} voxels are NaN or infinite")
+    return img, data
+
+
+def mask_like(data: np.ndarray, reference) -> nib.Nifti1Image:
+    """A binary uint8 mask with ``data != 0`` on the exact grid of ``reference``.
+
+    The new header has the reference's affine as both qform and sform (codes kept from the
+    reference where set, else 1 = scanner), voxel sizes from the affine and no scaling.
+
+    >>> ref = nib.Nifti1Image(np.zeros((2, 3, 4), np.float32), np.diag([2., 2., 3., 1.]))
+    >>> m = mask_like(np.ones((2, 3, 4)), ref)
+    >>> m.get_data_dtype(), m.shape, bool((m.get_qform() == m.get_sform()).all())
+    (dtype('uint8'), (2, 3, 4), True)
+    """
+    if tuple(data.shape) != tuple(reference.shape[:3]):
+        raise ValueError(f"mask shape {data.shape} differs from reference shape {reference.shape}")
+    affine = reference.affine
+    out = nib.Nifti1Image((np.asarray(data) != 0).astype(np.uint8), affine)
+    qcode = int(reference.header["qform_code"]) if isinstance(reference, nib.Nifti1Image) else 0
+    scode = int(reference.header["sform_code"]) if isinstance(reference, nib.Nifti1Image) else 0
+    out.set_qform(affine, code=qcode or 1)
+    out.set_sform(affine, code=scode or 1)
+    out.header.set_xyzt_units("mm", "sec")
+    out.set_data_dtype(np.uint8)
+    return out
+
+
+def _tmp_name(path: Path, ext: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ext}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def save_nifti_atomic(img, path: str | Path) -> Path:
+    """Save ``img`` to ``path`` through a hidden temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    tmp = _tmp_name(path, ext)
+    try:
+        nib.save(img, str(tmp))
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(obj, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON through a hidden temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path, ".json")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def same_grid(a, b, atol: float = 1e-3) -> bool:
+    """True when two images share shape (first 3 axes) and affine within ``atol`` (mm)."""
+    return tuple(a.shape[:3]) == tuple(b.shape[:3]) and np.allclose(a.affine, b.affine, atol=atol, rtol=0)
+
+
+def voxel_volume_ml(img) -> float:
+    """Volume of one voxel in mL (|det| of the affine's 3x3 part, mm^3 / 1000)."""
+    return float(abs(np.linalg.det(img.affine[:3, :3]))) / 1000.0
+
+
+def to_rpi(img, data: np.ndarray | None = None):
+    """Reorient an image to SCT "RPI" (nibabel axis codes L, A, S); voxels are permuted, not resampled.
+
+    Returns a new :class:`nibabel.Nifti1Image`; the input is not modified.
+
+    >>> img = nib.Nifti1Image(np.arange(8).reshape(2, 2, 2).astype(np.int16), np.diag([-1., -1., 1., 1.]))
+    >>> nib.aff2axcodes(to_rpi(img).affine)
+    ('L', 'A', 'S')
+    """
+    data = np.asanyarray(img.dataobj) if data is None else data
+    start = io_orientation(img.affine)
+    target = axcodes2ornt(RPI_AXCODES)
+    transform = ornt_transform(start, target)
+    new = nib.Nifti1Image(apply_orientation(data, transform), img.affine @ nib.orientations.inv_ornt_aff(transform, data.shape))
+    new.set_qform(new.affine, code=1)
+    new.set_sform(new.affine, code=1)
+    return new
+
+
+def from_rpi(data_rpi: np.ndarray, original) -> np.ndarray:
+    """Bring an array on the RPI-reoriented grid of ``original`` back to ``original``'s voxel order.
+
+    Inverse of :func:`to_rpi` for the voxel array: ``from_rpi(to_rpi(img).get_fdata(), img)``
+    equals ``img.get_fdata()``.
+    """
+    target = io_orientation(original.affine)
+    start = axcodes2ornt(RPI_AXCODES)
+    out = apply_orientation(data_rpi, ornt_transform(start, target))
+    if tuple(out.shape) != tuple(original.shape[:3]):
+        raise ValueError(f"reoriented shape {out.shape} does not match {original.shape}")
+    return out
