@@ -19,10 +19,11 @@ DATASET ?=
 SACRUM_IDX ?=
 TOTALSEG ?=
 FORCE   ?= 0
+SKIP_INVALID ?= 0
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.sacrum-masks-installed
-export VENV PYTHON TORCH CT DNUM DNAME GPU FOLD TRAINER CONFIGURATION CONFIG FORCE
+export VENV PYTHON TORCH CT DNUM DNAME GPU FOLD TRAINER CONFIGURATION CONFIG FORCE SKIP_INVALID
 
 .PHONY: help setup test demo register dataset train masks qc ct-labels bench clean-demo
 
