@@ -1,0 +1,308 @@
+"""Stage 0 (optional): TotalSegmentator sacrum labels for CT images that have none.
+
+For every CT image ``<dataset>/sub-*/[ses-*/]anat/<stem>.nii.gz`` (contrast ``CT``) without
+``derivatives/labels/<same folder>/<stem>_seg.nii.gz``, TotalSegmentator runs through its Python API
+(task ``total``, ``roi_subset`` sacrum + vertebrae_S1, multilabel output) and the label is written on the
+CT's exact grid with the values of TotalSegmentator's v2 class map (sacrum = 25, vertebrae_S1 = 26),
+plus a sidecar::
+
+    {"LabelOrder": "totalsegmentator-v2", "SacrumIndices": [25, 26], "GeneratedBy": [...], "Sources": [...]}
+
+so stage 1 (``register-ct``) picks the right indices by itself. ``SacrumIndices`` lists the indices that
+are really in the written label (an S1 that TotalSegmentator did not find is not claimed); a CT where
+neither is found fails and nothing is written for it.
+
+TotalSegmentator is an optional extra (``make setup CT=1``). Its weights cannot be downloaded on machines
+without internet: before any work this module checks that the weight folders TotalSegmentator would use
+are there (its own lookup: ``TOTALSEG_WEIGHTS_PATH``, else ``$TOTALSEG_HOME_DIR/nnunet/results``, else
+``~/.totalsegmentator/nnunet/results``), and when they are not it says in one line how to provide them
+and writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import importlib.metadata
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+import nibabel as nib
+import numpy as np
+
+from . import __version__
+from .batch import Batch, folder_lock
+from .bids import BidsName, derivative_path, find_images
+from .errors import InputError, LockBusy
+from .nifti import load_image, same_grid, save_nifti_atomic, sha256_file, write_json_atomic
+
+LABEL_ORDER = "totalsegmentator-v2"
+#: TotalSegmentator v2 class map (``totalsegmentator.map_to_binary.class_map["total"]``, checked on 2.18.0)
+V2_CLASSES = {25: "sacrum", 26: "vertebrae_S1"}
+ROI_SUBSET = ["sacrum", "vertebrae_S1"]
+TASK = "total"
+
+#: Weight folders (``TASK_ID_WEIGHTS_CONFIGS`` of TotalSegmentator 2.18.0) that task ``total`` with a
+#: ``roi_subset`` loads: the five 1.5 mm parts (all are fetched even when the subset needs one) and the
+#: 6 mm model used to crop around the subset; with ``--fast``: the 3 mm model and the 6 mm one.
+#: ``totalseg_download_weights -t total`` / ``-t total_fast`` download exactly these.
+WEIGHT_FOLDERS = {
+    291: "Dataset291_TotalSegmentator_part1_organs_1559subj",
+    292: "Dataset292_TotalSegmentator_part2_vertebrae_1532subj",
+    293: "Dataset293_TotalSegmentator_part3_cardiac_1559subj",
+    294: "Dataset294_TotalSegmentator_part4_muscles_1559subj",
+    295: "Dataset295_TotalSegmentator_part5_ribs_1559subj",
+    297: "Dataset297_TotalSegmentator_total_3mm_1559subj",
+    298: "Dataset298_TotalSegmentator_total_6mm_1559subj",
+}
+TASK_WEIGHTS = {False: (291, 292, 293, 294, 295, 298), True: (297, 298)}
+
+
+class TotalSegUnavailable(Exception):
+    """TotalSegmentator or its weights are missing: one line for the user, nothing written."""
+
+
+# --------------------------------------------------------------------------- environment checks
+
+
+def totalseg_weights_dir(environ=None) -> Path:
+    """Where TotalSegmentator looks for its weights (same rule as ``totalsegmentator.config.get_weights_dir``)."""
+    env = os.environ if environ is None else environ
+    if env.get("TOTALSEG_WEIGHTS_PATH"):
+        return Path(env["TOTALSEG_WEIGHTS_PATH"])
+    if env.get("TOTALSEG_HOME_DIR"):
+        home = Path(env["TOTALSEG_HOME_DIR"])
+    else:
+        home = (Path("/tmp") if str(Path.home()) == "/" else Path.home()) / ".totalsegmentator"
+    return home / "nnunet" / "results"
+
+
+def missing_weights(fast: bool = False, environ=None) -> list[str]:
+    """Names of the weight folders that are absent or hold no ``*/fold_0/checkpoint_final.pth``.
+
+    Stricter than TotalSegmentator itself (which only checks that the folder exists), so a half-copied
+    folder is caught here rather than deep inside nnU-Net.
+    """
+    root = totalseg_weights_dir(environ)
+    missing = []
+    for task_id in TASK_WEIGHTS[bool(fast)]:
+        folder = root / WEIGHT_FOLDERS[task_id]
+        if not (folder.is_dir() and any(folder.glob("*/fold_0/checkpoint_final.pth"))):
+            missing.append(WEIGHT_FOLDERS[task_id])
+    return missing
+
+
+def load_totalsegmentator():
+    """``(totalsegmentator function, version)``; TotalSegUnavailable when it is not installed or not v2."""
+    try:
+        api = importlib.import_module("totalsegmentator.python_api")
+    except ImportError as exc:
+        raise TotalSegUnavailable(
+            f"TotalSegmentator is not installed ({exc}); install it with `make setup CT=1`") from None
+    try:
+        version = importlib.metadata.version("TotalSegmentator")
+    except importlib.metadata.PackageNotFoundError:
+        version = str(getattr(sys.modules.get("totalsegmentator"), "__version__", "unknown"))
+    if not version.startswith("2."):
+        raise TotalSegUnavailable(f"TotalSegmentator {version} found; this stage needs 2.x (class map v2: "
+                                  f"sacrum 25, vertebrae_S1 26); install it with `make setup CT=1`")
+    return api.totalsegmentator, version
+
+
+def check_weights(fast: bool = False, environ=None) -> None:
+    """TotalSegUnavailable (one line saying how to provide them) when weights are missing."""
+    missing = missing_weights(fast, environ)
+    if missing:
+        task = "total_fast" if fast else "total"
+        raise TotalSegUnavailable(
+            f"TotalSegmentator weights missing in {totalseg_weights_dir(environ)} ({', '.join(missing)}): "
+            f"on a connected machine run `totalseg_download_weights -t {task}`, copy its ~/.totalsegmentator "
+            f"folder here and set TOTALSEG_HOME_DIR to it (or TOTALSEG_WEIGHTS_PATH to its nnunet/results)")
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def find_ct_images(bids_dir) -> list[Path]:
+    """CT images (contrast ``CT``) of ``sub-*/[ses-*/]anat``, sorted."""
+    return [p for p in find_images(bids_dir, include_ct=True) if BidsName.parse(p).contrast == "CT"]
+
+
+def ct_label_path(bids_dir, image) -> Path:
+    """``<dataset>/derivatives/labels/<folder>/<CT stem>_seg.nii.gz``."""
+    return derivative_path(bids_dir, image, "labels", "seg")
+
+
+def label_on_grid(seg, ct) -> tuple[nib.Nifti1Image, list[int]]:
+    """TotalSegmentator's multilabel output as a uint8 label on the CT's exact grid.
+
+    Parameters
+    ----------
+    seg : nibabel image
+        TotalSegmentator output (v2 class ids; ``roi_subset`` keeps the full-map ids).
+    ct : nibabel image
+        The CT it was computed from.
+
+    Returns
+    -------
+    (image, present)
+        The label (values 0, 25, 26; qform and sform = the CT's affine) and the sacrum indices present.
+
+    Raises
+    ------
+    ValueError
+        Output not on the CT grid, values outside {0, 25, 26}, or neither 25 nor 26 present.
+    """
+    if not same_grid(seg, ct):
+        raise ValueError(f"TotalSegmentator output is not on the CT grid (shape {seg.shape} vs {ct.shape})")
+    data = np.asanyarray(seg.dataobj)
+    values = set(int(v) for v in np.unique(data))
+    extra = sorted(values - {0, *V2_CLASSES})
+    if extra:
+        raise ValueError(f"TotalSegmentator output has values {extra} outside {{0, 25, 26}}: "
+                         f"not the v2 class map this stage expects")
+    present = sorted(values & set(V2_CLASSES))
+    if not present:
+        raise ValueError("TotalSegmentator found no sacrum (25) or vertebrae_S1 (26) in this CT")
+    out = nib.Nifti1Image(data.astype(np.uint8), ct.affine)
+    hdr = ct.header if isinstance(ct, nib.Nifti1Image) else None
+    out.set_qform(ct.affine, code=int(hdr["qform_code"]) if hdr is not None and hdr["qform_code"] else 1)
+    out.set_sform(ct.affine, code=int(hdr["sform_code"]) if hdr is not None and hdr["sform_code"] else 1)
+    out.header.set_xyzt_units("mm", "sec")
+    out.set_data_dtype(np.uint8)
+    return out, present
+
+
+def label_sidecar(rel_image: str, sha256: str, present: list[int], *, version: str, fast: bool,
+                  device: str, command_line: str) -> dict:
+    """The sidecar of a CT label (keys shared with the demo labels and read by stage 1)."""
+    return {
+        "LabelOrder": LABEL_ORDER,
+        "SacrumIndices": list(present),
+        "Labels": {str(k): V2_CLASSES[k] for k in present},
+        "GeneratedBy": [
+            {"Name": "TotalSegmentator", "Version": version, "Task": TASK, "RoiSubset": list(ROI_SUBSET),
+             "Multilabel": True, "Fast": bool(fast), "Device": device},
+            {"Name": "sacrum-masks ct-labels", "Version": __version__, "CommandLine": command_line,
+             "Date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+        ],
+        "Sources": [f"bids::{rel_image}"],
+        "SourcesSHA256": {f"bids::{rel_image}": sha256},
+    }
+
+
+def label_state(label: Path, image: Path) -> str:
+    """``"absent"``, ``"foreign"`` (a label this stage did not write: never touched), ``"current"``
+    (ours, CT checksum unchanged) or ``"stale"`` (ours, the CT changed since)."""
+    if not label.exists():
+        return "absent"
+    sidecar = label.with_name(label.name[: -len(".nii.gz")] + ".json")
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "foreign"
+    gen = data.get("GeneratedBy") if isinstance(data, dict) else None
+    names = [g.get("Name") for g in gen if isinstance(g, dict)] if isinstance(gen, list) else []
+    if "sacrum-masks ct-labels" not in names:
+        return "foreign"
+    return "current" if sha256_file(image) in (data.get("SourcesSHA256") or {}).values() else "stale"
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_ct_labels(bids_dir, *, device: str = "gpu", fast: bool = False, force: bool = False,
+                  command_line: str | None = None, batch: Batch | None = None) -> Batch:
+    """Write the missing TotalSegmentator CT labels of one BIDS dataset.
+
+    Statuses: ``written``, ``kept`` (a label exists: a dataset's own, never replaced, or one this stage
+    wrote from the same CT bytes; ``force`` redoes the latter), ``failed``. Raises TotalSegUnavailable
+    before touching anything when TotalSegmentator or its weights are missing (only checked when some CT needs a label).
+    """
+    bids_dir = Path(bids_dir)
+    batch = batch or Batch("ct-labels")
+    command_line = command_line or shlex.join(["sacrum-masks", *sys.argv[1:]])
+    images = find_ct_images(bids_dir)
+    todo = []
+    for image in images:
+        state = label_state(ct_label_path(bids_dir, image), image)
+        if state == "foreign" or (state == "current" and not force):
+            batch.report(image.relative_to(bids_dir).as_posix(), "kept")
+            continue
+        todo.append(image)
+    if not todo:
+        return batch
+    run_totalseg, version = load_totalsegmentator()
+    check_weights(fast)
+    deriv = bids_dir / "derivatives" / "labels"
+    with folder_lock(deriv, name=".sacrum-masks-ct-labels.lock"):
+        if not (deriv / "dataset_description.json").is_file():
+            write_json_atomic({"Name": "labels", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                               "GeneratedBy": [{"Name": "sacrum-masks", "Version": __version__}]},
+                              deriv / "dataset_description.json")
+        for image in todo:
+            rel = image.relative_to(bids_dir).as_posix()
+            try:
+                ct, _ = load_image(image)
+            except InputError as exc:
+                batch.report(rel, "failed", exc.reason)
+                continue
+            sha = sha256_file(image)
+            saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+            try:
+                seg = run_totalseg(str(image), None, ml=True, task=TASK, roi_subset=list(ROI_SUBSET),
+                                   fast=fast, device=device, quiet=True)
+                label, present = label_on_grid(seg, ct)
+            except Exception as exc:  # TotalSegmentator failing on one CT: report it, go on with the rest
+                batch.report(rel, "failed", f"{type(exc).__name__}: {exc}")
+                continue
+            finally:
+                for k, v in saved.items():  # TotalSegmentator points nnUNet_* at its weights; undo that
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            out = ct_label_path(bids_dir, image)
+            side = out.with_name(out.name[: -len(".nii.gz")] + ".json")
+            save_nifti_atomic(label, out)
+            written = np.asanyarray(nib.load(str(out)).dataobj)
+            if sorted(set(np.unique(written).tolist()) & set(V2_CLASSES)) != present:  # verify what we claim
+                out.unlink()
+                batch.report(rel, "failed", f"written label lost indices {present}")
+                continue
+            write_json_atomic(label_sidecar(rel, sha, present, version=version, fast=fast, device=device,
+                                            command_line=command_line), side)
+            batch.report(rel, "written", f"indices {present}")
+    return batch
+
+
+@click.command("ct-labels")
+@click.argument("bids_dirs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="TotalSegmentator device (it falls back to the CPU when no GPU is seen).")
+@click.option("--fast", is_flag=True, help="TotalSegmentator's 3 mm model (weights: -t total_fast).")
+@click.option("--force", is_flag=True, help="Redo labels this stage wrote before (a dataset's own are kept).")
+def ct_labels_command(bids_dirs: tuple[Path, ...], device: str, fast: bool, force: bool):
+    """Stage 0: TotalSegmentator sacrum labels (v2: sacrum 25, S1 26) for CT images of BIDS_DIRS without one.
+
+    Writes derivatives/labels/sub-*/[ses-*/]anat/<CT stem>_seg.nii.gz and a sidecar (LabelOrder,
+    SacrumIndices, TotalSegmentator version) that stage 1 reads. Needs `make setup CT=1` and the
+    TotalSegmentator weights (TOTALSEG_HOME_DIR).
+    """
+    batch = Batch("ct-labels")
+    try:
+        for bids_dir in bids_dirs:
+            run_ct_labels(bids_dir, device=device, fast=fast, force=force, batch=batch)
+    except TotalSegUnavailable as exc:
+        click.echo(f"ct-labels: {exc}", err=True)
+        sys.exit(3)
+    except LockBusy as exc:
+        click.echo(f"ct-labels: {exc}; wait for it to finish", err=True)
+        sys.exit(75)
+    click.echo(batch.summary(["written", "kept", "failed"]))
+    sys.exit(batch.exit_code)
