@@ -28,7 +28,7 @@ from scipy.spatial.transform import Rotation
 from sacrum_masks import register
 from sacrum_masks.cli import main
 from sacrum_masks.errors import InputError
-from sacrum_masks.register import (fraction_outside, register_dataset, register_label, resample_mask_nn,
+from sacrum_masks.register import (check_volumes, fraction_outside, register_dataset, register_label, resample_mask_nn,
                                    resolve_indices, sacrum_mask)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,8 +291,19 @@ def test_volume_not_preserved_is_an_error():
     # and a thick plate on that 3 mm grid: 9x9x2 mm -> 9x3 voxel faces of 3 mm: volume x1.5
     label[:, :, 3:5] = 1
     img = _nifti(np.zeros((9, 9, 3), np.float32), _aff((1.0, 1.0, 3.0), (0, 0, 1.0)))
-    with pytest.raises(InputError, match=r"volume not preserved: 0.2 mL -> 0.2 mL \(\+50.0%"):
+    with pytest.raises(InputError, match=r"volume not preserved: 0.2 mL -> 0.2 mL \(\+50.0%, more than 25%"):
         register_label(lab, label, img, (1,))
+
+
+def test_volume_change_between_5_and_25_percent_is_a_warning():
+    assert check_volumes(100.0, 104.9, 0.0) == []
+    assert check_volumes(100.0, 95.1, 0.0) == []
+    (warning,) = check_volumes(100.0, 93.0, 0.0)
+    assert warning.startswith("volume changed by -7.0%")
+    (warning,) = check_volumes(100.0, 124.0, 0.0)
+    assert warning.startswith("volume changed by +24.0%")
+    with pytest.raises(InputError, match=r"-26.0%"):
+        check_volumes(100.0, 74.0, 0.0)
 
 
 # --------------------------------------------------------------------------------------------------
