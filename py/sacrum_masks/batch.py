@@ -53,11 +53,12 @@ class Batch:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, *, wait: bool = False, name: str = ".sacrum-masks.lock"):
-    """Hold an exclusive ``flock`` on ``<folder>/<name>`` for the duration of the block.
+def folder_lock(folder: str | Path, *, wait: bool = False, name: str = ".sacrum-masks.lock",
+                shared: bool = False):
+    """Hold an exclusive (or, with ``shared``, a shared) ``flock`` on ``<folder>/<name>`` for the block.
 
-    Raises :class:`LockBusy` at once when another process holds it and ``wait`` is false.
-    The lock dies with its process (a SIGKILLed run never leaves a stale lock).
+    Raises :class:`LockBusy` at once when another process holds it in a conflicting mode and ``wait``
+    is false. The lock dies with its process (a SIGKILLed run never leaves a stale lock).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -65,13 +66,14 @@ def folder_lock(folder: str | Path, *, wait: bool = False, name: str = ".sacrum-
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise LockBusy(f"{folder}: another run holds {path}") from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield path
     finally:
         os.close(fd)

@@ -1,0 +1,497 @@
+"""Stage 4: sacrum masks for MRI images with a trained nnU-Net model, written as BIDS derivatives.
+
+``sacrum-masks predict`` (called by ``bin/generate_sacrum.sh``) takes the images of a test config
+(``DATASETS_PATH`` + ``TESTING``) and/or of whole BIDS datasets (``--bids``), loads the model once, and
+for each image writes
+
+    <dataset>/derivatives/labels/<sub-*/[ses-*/]anat>/<image stem>_label-sacrum_seg.nii.gz  (+ .json)
+
+Conventions
+-----------
+* Orientation: the network runs on the image reoriented to SCT "RPI" (nibabel axis codes L, A, S),
+  as the training data were, with the array laid out as nnU-Net's image reader gave it at training
+  time (SimpleITK order: ``[z, y, x]`` of the file, spacing reversed likewise). The prediction is
+  brought back to the input's own voxel order, so the mask has the input's exact grid.
+* Post-processing: only the largest 26-connected component is kept
+  (:func:`sacrum_masks.components.largest_component`).
+* Ownership: a mask whose sidecar says ``GeneratedBy[0].Name == "sacrum-masks"`` is ours. A mask
+  without such a sidecar (a manual correction) is never overwritten, not even with ``--force``.
+* Up to date: ours, same input SHA-256 and same model identity (folder, fold, checkpoint and the
+  checkpoint file's SHA-256): nothing is done.
+* Writes are atomic (temporary file + rename). For a new mask the sidecar is written first, for a
+  rewrite the mask is: whatever point a run is killed at, the next run sees "missing" or "out of
+  date", never "kept" or "up to date" for a stale mask.
+* One lock per output folder (``derivatives/labels``), taken in sorted order; a busy lock makes the
+  run exit 0 without work (or wait with ``--wait``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import click
+import numpy as np
+
+from . import __version__
+from .batch import Batch, folder_lock
+from .bids import BidsName, derivative_path, find_images, split_extension
+from .components import largest_component
+from .errors import InputError, LockBusy
+from .nifti import (from_rpi, load_image, mask_like, save_nifti_atomic, sha256_file, to_rpi,
+                    voxel_volume_ml, write_json_atomic)
+
+TOOL_NAME = "sacrum-masks"
+PIPELINE = "labels"
+MASK_SUFFIX = ("label-sacrum", "seg")
+SUMMARY_ORDER = ["written", "up to date", "kept", "failed"]
+#: nnU-Net readers whose array is the file's voxel array transposed to [z, y, x] (no reorientation)
+PLAIN_READERS = ("SimpleITKIO", "NibabelIO")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to segment.
+
+    ``image`` and ``dataset`` are None for an entry that could not be resolved; ``error`` then says why.
+    """
+
+    entry: str
+    image: Path | None = None
+    dataset: Path | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Sort key shared by every run (the absolute image path, else the entry as written)."""
+        return str(self.image) if self.image is not None else self.entry
+
+    @property
+    def rel(self) -> str:
+        """The image's path relative to its BIDS dataset (posix)."""
+        return self.image.relative_to(self.dataset).as_posix()
+
+
+def items_from_config(config_path: str | Path, datasets_path: str | Path | None = None) -> list[Item]:
+    """The TESTING entries of a config (original format), each resolved or carrying its own error.
+
+    A bad entry (outside DATASETS_PATH, absolute, not ``<dataset>/.../<file>``) does not stop the
+    others: it comes back with ``error`` set. Missing files are found later, when the image is read.
+    """
+    from .config import entry_path, resolve_datasets_path
+
+    path = Path(config_path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("TESTING", []), list):
+        raise InputError(path, "not a config (expected a JSON object with a TESTING list)")
+    root = resolve_datasets_path(raw, path, datasets_path)
+    if not root.is_dir():
+        raise InputError(path, f"DATASETS_PATH {root} is not a folder (pass --datasets-path or set DATASETS_PATH)")
+    items = []
+    for i, entry in enumerate(raw.get("TESTING", [])):
+        label = f"TESTING[{i}] {entry!r}"
+        try:
+            full = entry_path(root, entry, f"TESTING[{i}]")
+        except InputError as exc:
+            items.append(Item(label, error=exc.reason))
+            continue
+        parts = PurePosixPath(entry).parts
+        if len(parts) < 2:
+            items.append(Item(label, error="expected <dataset>/sub-*/[ses-*/]anat/<image>.nii.gz"))
+            continue
+        items.append(Item(str(full), full, root / parts[0]))
+    return items
+
+
+def items_from_bids(bids_dir: str | Path) -> list[Item]:
+    """Every MRI image of a BIDS dataset (``sub-*/[ses-*/]anat``, CT excluded)."""
+    root = Path(os.path.abspath(bids_dir))
+    return [Item(str(p), p, root) for p in find_images(root)]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1-based) as ``(I, N)``.
+
+    >>> parse_shard("2/5")
+    (2, 5)
+    >>> parse_shard("6/5")
+    Traceback (most recent call last):
+    ...
+    ValueError: shard '6/5': expected I/N with 1 <= I <= N
+    """
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard {text!r}: expected I/N with 1 <= I <= N") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"shard {text!r}: expected I/N with 1 <= I <= N")
+    return i, n
+
+
+def select_items(items: list[Item], shard: tuple[int, int] = (1, 1)) -> list[Item]:
+    """Deduplicate, sort by :attr:`Item.key` and keep shard ``I`` of ``N``: items whose index % N == I - 1.
+
+    Every run given the same inputs sees the same order, so N array tasks cover each image once.
+
+    >>> [it.entry for it in select_items([Item(c) for c in "edcba"], (2, 2))]
+    ['b', 'd']
+    """
+    unique = {it.key: it for it in items}
+    ordered = [unique[k] for k in sorted(unique)]
+    i, n = shard
+    return [it for idx, it in enumerate(ordered) if idx % n == i - 1]
+
+
+def output_paths(item: Item) -> tuple[Path, Path]:
+    """``(mask, sidecar)`` paths of an item (InputError for a name that is not BIDS or not NIfTI)."""
+    if split_extension(item.image.name)[1] == "":
+        raise InputError(item.image, "not a NIfTI file (.nii or .nii.gz)")
+    BidsName.parse(item.image)
+    mask = derivative_path(item.dataset, item.image, PIPELINE, *MASK_SUFFIX)
+    return mask, mask.with_name(split_extension(mask.name)[0] + ".json")
+
+
+# ----------------------------------------------------------------------------------------- provenance
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def checkpoint_file(model_dir: str | Path, fold: str, checkpoint: str) -> Path:
+    """``<model>/fold_<F>/checkpoint_<best|final>.pth``, or InputError naming what is missing."""
+    model_dir = Path(model_dir)
+    for name in ("dataset.json", "plans.json"):
+        if not (model_dir / name).is_file():
+            raise InputError(model_dir, f"not an nnU-Net model folder (no {name})")
+    path = model_dir / f"fold_{fold}" / f"checkpoint_{checkpoint}.pth"
+    if not path.is_file():
+        have = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.glob("fold_*/checkpoint_*.pth"))
+        raise InputError(path, "no such checkpoint" + (f" (found: {', '.join(have)})" if have else ""))
+    return path
+
+
+def model_identity(model_dir: str | Path, fold: str, checkpoint: str) -> dict:
+    """What decides whether a mask is up to date: model folder, fold, checkpoint and its SHA-256."""
+    model_dir = Path(os.path.abspath(model_dir))
+    ckpt = checkpoint_file(model_dir, fold, checkpoint)
+    return {"Model": str(model_dir), "Fold": int(fold) if str(fold).isdigit() else str(fold),
+            "Checkpoint": checkpoint, "CheckpointSHA256": sha256_file(ckpt)}
+
+
+def is_ours(sidecar: dict | None) -> bool:
+    """True when a sidecar was written by this tool (``GeneratedBy[0].Name == "sacrum-masks"``)."""
+    try:
+        return sidecar["GeneratedBy"][0]["Name"] == TOOL_NAME
+    except (TypeError, KeyError, IndexError):
+        return False
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or not a JSON object."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def plan_status(mask: Path, sidecar: dict | None, input_sha: str, identity: dict, force: bool = False) -> str:
+    """What to do with one output: ``"kept"``, ``"up to date"`` or ``"write"``.
+
+    >>> ident = {"Model": "/m", "Fold": 0, "Checkpoint": "best", "CheckpointSHA256": "c"}
+    >>> ours = {"GeneratedBy": [{"Name": "sacrum-masks", **ident}], "InputSHA256": "i"}
+    >>> plan_status(Path("/nonexistent.nii.gz"), ours, "i", ident)
+    'write'
+    """
+    if not mask.exists():
+        return "write"
+    if not is_ours(sidecar):
+        return "kept"
+    if force:
+        return "write"
+    made_by = sidecar["GeneratedBy"][0]
+    same_model = all(made_by.get(k) == v for k, v in identity.items())
+    return "up to date" if same_model and sidecar.get("InputSHA256") == input_sha else "write"
+
+
+def make_sidecar(item: Item, identity: dict, input_sha: str, mask: np.ndarray, img, n_removed: int,
+                 settings: dict) -> dict:
+    """The mask's JSON sidecar (keys relied upon by the other stages: see DESIGN.md, stage 4)."""
+    count = int(np.count_nonzero(mask))
+    generated = {"Name": TOOL_NAME, "Version": __version__,
+                 "Date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 **identity, **settings,
+                 "nnunetv2": _version("nnunetv2"), "torch": _version("torch")}
+    return {"SpatialReference": "orig", "GeneratedBy": [generated], "Sources": [f"bids::{item.rel}"],
+            "InputSHA256": input_sha, "VoxelCount": count,
+            "VolumeML": round(count * voxel_volume_ml(img), 4), "ComponentsRemoved": int(n_removed),
+            "Empty": count == 0}
+
+
+def dataset_description() -> dict:
+    """``derivatives/labels/dataset_description.json`` written when the folder has none."""
+    return {"Name": "Sacrum masks", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": TOOL_NAME, "Version": __version__,
+                             "Description": "nnU-Net v2 sacrum segmentation, largest 26-connected component",
+                             "CodeURL": "https://github.com/neuropoly/totalspineseg"}]}
+
+
+def ensure_dataset_description(folder: Path) -> None:
+    """Create ``<folder>/dataset_description.json`` when absent; an existing one is never touched."""
+    path = folder / "dataset_description.json"
+    if not path.exists():
+        write_json_atomic(dataset_description(), path)
+
+
+def remove_stale_temporaries(*paths: Path) -> None:
+    """Remove the hidden temporary files a killed run left beside ``paths`` (call under the lock)."""
+    for path in paths:
+        ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        for tmp in path.parent.glob(f".{path.name}.*.tmp{ext}"):
+            tmp.unlink(missing_ok=True)
+
+
+def write_outputs(mask_img, mask_path: Path, sidecar: dict, sidecar_path: Path) -> None:
+    """Write mask and sidecar, each atomically, in the order that keeps a killed run detectable.
+
+    A new mask: sidecar first (a sidecar without mask is redone). A rewrite of one of ours: mask first
+    (the old sidecar no longer matches, so the new mask is redone rather than kept as is).
+    """
+    if mask_path.exists():
+        save_nifti_atomic(mask_img, mask_path)
+        write_json_atomic(sidecar, sidecar_path)
+    else:
+        write_json_atomic(sidecar, sidecar_path)
+        save_nifti_atomic(mask_img, mask_path)
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+def nnunet_input(rpi_img, data_rpi: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Array and spacing as nnU-Net's SimpleITKIO / NibabelIO reader gives them for an RPI file.
+
+    The readers return ``[channel, z, y, x]`` (the file's voxel axes reversed) and the spacing
+    reversed likewise, as float32; this reproduces that without writing a file.
+    """
+    zooms = [abs(float(z)) for z in rpi_img.header.get_zooms()[:3]]
+    array = np.ascontiguousarray(np.asarray(data_rpi, dtype=np.float32).transpose(2, 1, 0))[None]
+    return array, zooms[::-1]
+
+
+PredictFn = Callable[[np.ndarray, list], np.ndarray]
+
+
+def segment_image(predict_fn: PredictFn, img, data: np.ndarray, connectivity: int = 26):
+    """Segment one image: reorient to RPI, predict, keep the largest component, restore the voxel order.
+
+    Parameters
+    ----------
+    predict_fn : callable
+        ``predict_fn(array[c, z, y, x], spacing[z, y, x]) -> labels[z, y, x]`` (nnU-Net's layout).
+    img, data : nibabel image and its voxel array (as :func:`sacrum_masks.nifti.load_image` gives them).
+
+    Returns
+    -------
+    (numpy.ndarray, int)
+        Binary uint8 mask in ``img``'s own voxel order and shape, and the number of components removed.
+    """
+    rpi = to_rpi(img, data)
+    array, spacing = nnunet_input(rpi, np.asanyarray(rpi.dataobj))
+    labels = np.asarray(predict_fn(array, spacing))
+    if labels.shape != array.shape[1:]:
+        raise RuntimeError(f"prediction shape {labels.shape} differs from the input's {array.shape[1:]}")
+    kept, n_removed = largest_component(labels.transpose(2, 1, 0) != 0, connectivity)
+    return np.ascontiguousarray(from_rpi(kept, img)), n_removed
+
+
+class NnunetModel:
+    """An nnU-Net model loaded once; :meth:`predict` is a :data:`PredictFn`."""
+
+    def __init__(self, model_dir: str | Path, fold: str, checkpoint: str, device: str = "cpu",
+                 tile_step: float = 0.5, mirroring: bool = False):
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        dev = torch.device(device)
+        self.predictor = nnUNetPredictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
+                                         perform_everything_on_device=dev.type == "cuda", device=dev,
+                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        fold_arg = fold if fold == "all" else int(fold)
+        self.predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold_arg,),
+                                                            checkpoint_name=f"checkpoint_{checkpoint}.pth")
+        reader = self.predictor.plans_manager.plans.get("image_reader_writer", "SimpleITKIO")
+        if reader not in PLAIN_READERS:
+            raise InputError(model_dir, f"plans.json image_reader_writer {reader!r} is not supported "
+                             f"(expected one of {', '.join(PLAIN_READERS)})")
+
+    def predict(self, array: np.ndarray, spacing: list) -> np.ndarray:
+        return self.predictor.predict_single_npy_array(array, {"spacing": list(spacing)}, None, None, False)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+@dataclass
+class Settings:
+    model_dir: Path
+    fold: str = "0"
+    checkpoint: str = "best"
+    device: str = "cpu"
+    tile_step: float = 0.5
+    mirroring: bool = False
+    force: bool = False
+    wait: bool = False
+    shard: tuple[int, int] = (1, 1)
+
+
+def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool) -> None:
+    """Lock one output folder for this run; raises :class:`LockBusy` when another run conflicts.
+
+    A whole-list run holds the folder's lock exclusively. A shard run (``--shard I/N``, SLURM array
+    tasks) holds it shared, so the N shards of one cohort run side by side (their images are disjoint),
+    plus an exclusive lock of its own shard, so the same shard never runs twice at once; a whole-list
+    run and a shard run exclude each other.
+    """
+    if shard == (1, 1):
+        stack.enter_context(folder_lock(folder, wait=wait))
+        return
+    stack.enter_context(folder_lock(folder, wait=wait, shared=True))
+    stack.enter_context(folder_lock(folder, wait=wait, name=f".sacrum-masks.shard-{shard[0]}-of-{shard[1]}.lock"))
+
+
+def run_predict(items: list[Item], settings: Settings, *, model_factory=None, stream=None) -> int:
+    """Segment ``items`` (already selected): the batch of stage 4. Returns the exit status.
+
+    ``model_factory(settings)`` returns an object with a ``predict`` :data:`PredictFn`; it is called once,
+    and only when some mask has to be written (default: :class:`NnunetModel`).
+    """
+    model_factory = model_factory or (lambda s: NnunetModel(s.model_dir, s.fold, s.checkpoint, s.device,
+                                                            s.tile_step, s.mirroring))
+    out = stream or sys.stdout
+    batch = Batch("predict", stream=stream)
+    identity = model_identity(settings.model_dir, settings.fold, settings.checkpoint)
+    folders = sorted({it.dataset / "derivatives" / PIPELINE for it in items if it.image is not None})
+    with ExitStack() as locks:
+        for folder in folders:
+            try:
+                lock_output_folder(locks, folder, settings.shard, settings.wait)
+            except LockBusy:
+                print(f"predict: another run is writing {folder}; exiting", file=out, flush=True)
+                return 0
+        for folder in folders:
+            ensure_dataset_description(folder)
+        todo = []
+        for it in items:
+            if it.error is not None:
+                batch.report(it.entry, "failed", it.error)
+                continue
+            try:
+                mask_path, side_path = output_paths(it)
+                if not it.image.is_file():
+                    raise InputError(it.image, "no such file")
+                remove_stale_temporaries(mask_path, side_path)
+                sha = sha256_file(it.image)
+            except InputError as exc:
+                batch.report(it.entry, "failed", exc.reason)
+                continue
+            status = plan_status(mask_path, read_sidecar(side_path), sha, identity, settings.force)
+            if status == "kept":
+                batch.report(it.image, "kept", f"{mask_path.name} was not written by {TOOL_NAME}")
+            elif status == "up to date":
+                batch.report(it.image, "up to date")
+            else:
+                todo.append((it, mask_path, side_path, sha))
+        empty = []
+        if todo:
+            model = model_factory(settings)
+            run_settings = {"TileStepSize": settings.tile_step, "Mirroring": settings.mirroring}
+            for it, mask_path, side_path, sha in todo:
+                start = time.perf_counter()
+                try:
+                    img, data = load_image(it.image)
+                    mask, n_removed = segment_image(model.predict, img, data)
+                except InputError as exc:
+                    batch.report(it.image, "failed", exc.reason)
+                    continue
+                sidecar = make_sidecar(it, identity, sha, mask, img, n_removed, run_settings)
+                write_outputs(mask_like(mask, img), mask_path, sidecar, side_path)
+                detail = (f"{sidecar['VoxelCount']} voxels, {sidecar['VolumeML']:g} mL, "
+                          f"{n_removed} components removed, {time.perf_counter() - start:.1f} s")
+                if sidecar["Empty"]:
+                    empty.append(str(it.image))
+                    detail = "EMPTY prediction (no sacrum found), empty mask written; " + detail
+                batch.report(it.image, "written", detail)
+    line = batch.summary(SUMMARY_ORDER)
+    if empty:
+        line += f"; {len(empty)} empty: " + ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
+    print(line, file=out, flush=True)
+    return batch.exit_code
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _shard_option(ctx, param, value):
+    try:
+        return parse_shard(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command("predict")
+@click.option("--config", "config", type=click.Path(path_type=Path),
+              help="Test config (original format): DATASETS_PATH + TESTING list of <dataset>/sub-*/.../<image>.")
+@click.option("--datasets-path", type=click.Path(path_type=Path),
+              help="Overrides the config's DATASETS_PATH (else env DATASETS_PATH, else the config's).")
+@click.option("--bids", "bids_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="A BIDS dataset: every MRI image of sub-*/[ses-*/]anat (repeatable).")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="nnU-Net model folder (<nnUNet_results>/<Dataset>/<Trainer__Plans__Configuration>).")
+@click.option("--fold", default="0", show_default=True, help="Fold 0-4 or 'all'.")
+@click.option("--checkpoint", type=click.Choice(["best", "final"]), default="best", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda uses the first visible GPU (set CUDA_VISIBLE_DEVICES to pick one).")
+@click.option("--tile-step", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
+              help="Sliding-window step as a fraction of the patch (larger = faster, fewer overlaps).")
+@click.option("--mirroring/--no-mirroring", default=False, show_default=True,
+              help="Test-time mirroring (slower, usually a little smoother).")
+@click.option("--force", is_flag=True, help="Rewrite masks of ours even when up to date (manual masks are kept).")
+@click.option("--wait", is_flag=True, help="Wait for another run's lock instead of exiting.")
+@click.option("--shard", default="1/1", show_default=True, callback=_shard_option,
+              help="Process shard I of N of the sorted image list (SLURM array tasks).")
+def predict_command(config, datasets_path, bids_dirs, model_dir, fold, checkpoint, device, tile_step, mirroring,
+                    force, wait, shard):
+    """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets."""
+    if config is None and not bids_dirs:
+        raise click.UsageError("give --config FILE and/or --bids DIR")
+    if fold != "all" and not fold.isdigit():
+        raise click.BadParameter(f"{fold!r}: expected a fold number or 'all'", param_hint="--fold")
+    items = items_from_config(config, datasets_path) if config is not None else []
+    for d in bids_dirs:
+        items += items_from_bids(d)
+    selected = select_items(items, shard)
+    if shard != (1, 1):
+        click.echo(f"predict: shard {shard[0]}/{shard[1]}: {len(selected)} of {len(items)} images")
+    settings = Settings(Path(model_dir), fold, checkpoint, device, tile_step, mirroring, force, wait, shard)
+    sys.exit(run_predict(selected, settings))
