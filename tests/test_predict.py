@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from sacrum_masks import predict
 from sacrum_masks.batch import folder_lock
 from sacrum_masks.nifti import same_grid, sha256_file, to_rpi
 from sacrum_masks.predict import (Item, Settings, items_from_bids, items_from_config, nnunet_input,
-                                  plan_status, run_predict, segment_image, select_items)
+                                  run_predict, segment_image, select_items)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bin" / "generate_sacrum.sh"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 from .bids import split_extension
 from .errors import InputError
 from .metrics import dice, hd95, volume_ml
-from .nifti import _fsync, _tmp_name, load_image, same_grid
+from .nifti import load_image, same_grid, write_text_atomic
 
 COLUMNS = ("case", "status", "dice", "hd95_mm", "volume_pred_ml", "volume_truth_ml", "detail")
 
@@ -121,20 +120,6 @@ def table_text(rows: list[dict]) -> str:
     for row in rows:
         writer.writerow([_fmt(row.get(c, "")) for c in COLUMNS])
     return buf.getvalue()
-
-
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    """Write ``text`` through a hidden temporary file in the destination folder, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path, path.suffix)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def evaluate_bids(truth_root: str | Path, bids_dirs) -> list[dict]:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -95,47 +96,45 @@ def mask_like(data: np.ndarray, reference) -> nib.Nifti1Image:
     return out
 
 
-def _tmp_name(path: Path, ext: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ext}", dir=path.parent)
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a hidden temporary path beside ``path`` (same extension); renamed onto ``path`` on success.
+
+    The temporary file is ``.<name>.<random>.tmp<ext>`` in the destination folder (so the rename is
+    atomic and globs for ``sub-*`` never see it); it is removed when the block fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{ext}", dir=path.parent)
     os.close(fd)
-    return Path(tmp)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def save_nifti_atomic(img, path: str | Path) -> Path:
-    """Save ``img`` to ``path`` through a hidden temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ext = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp = _tmp_name(path, ext)
+    tmp = Path(name)
     try:
-        nib.save(img, str(tmp))
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_json_atomic(obj, path: str | Path) -> Path:
-    """Write ``obj`` as indented JSON through a hidden temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path, ".json")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def save_nifti_atomic(img, path: str | Path) -> Path:
+    """Save ``img`` to ``path`` through a hidden temporary file renamed into place."""
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a hidden temporary file renamed into place."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(obj, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON through a hidden temporary file renamed into place."""
+    return write_text_atomic(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

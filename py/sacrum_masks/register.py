@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 import subprocess
 import tempfile
