@@ -13,7 +13,6 @@ to 0.8 mm (nearest neighbour, 457x379x420 = 73 M voxels), plus the same volume w
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from sacrum_masks.components import largest_component
+from _timing import best_of  # bench/ is on sys.path when run as a script
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 SPACING = 0.8
@@ -36,15 +36,6 @@ def original_largest(seg_data: np.ndarray) -> np.ndarray:
         sizes = np.bincount(labeled.ravel())[1:]
         out[labeled == sizes.argmax() + 1] = value
     return out
-
-
-def best_of(fn, repeat: int):
-    times, out = [], None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
 
 
 def upsampled_label() -> np.ndarray:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +21,7 @@ from nibabel.processing import resample_from_to
 from scipy.spatial.transform import Rotation
 
 from sacrum_masks.register import register_label
+from _timing import best_of  # bench/ is on sys.path when run as a script
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 SHAPE = (320, 320, 60)
@@ -39,15 +39,6 @@ def grid(centre, tilt_degrees: float) -> nib.Nifti1Image:
     img.set_qform(aff, code=1)
     img.set_sform(aff, code=1)
     return img
-
-
-def best_of(fn, repeat: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
 
 
 def main(argv=None) -> int:

@@ -56,8 +56,8 @@ main() {
     --checkpoint final --gpu cpu
 
   step "Dice against the hidden truth"
-  local table="${SACRUM_DATA}/demo_dice.csv"
-  sacrum-masks evaluate --truth "${bids}/truth" --pred-bids "${test_sets[@]}" -o "${table}"
+  local table="${SACRUM_DATA}/demo_dice.csv" summary="${SACRUM_DATA}/demo_dice.txt"
+  sacrum-masks evaluate --truth "${bids}/truth" --pred-bids "${test_sets[@]}" -o "${table}" --summary "${summary}"
 
   step "QC report"
   bash "${root}/bin/qc.sh" "${test_sets[@]/%//derivatives/labels}"
@@ -66,7 +66,8 @@ main() {
   echo "masks:      ${test_sets[*]/%//derivatives/labels}"
   echo "QC reports: ${test_sets[*]/%//derivatives/qc-sacrum/index.html}"
   echo "Dice table: ${table}"
-  column -s, -t < "${table}" || cat "${table}"
+  column -s, -t < "${table}" 2>/dev/null || cat "${table}"
+  cat "${summary}"
 }
 
 main "$@"

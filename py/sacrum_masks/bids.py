@@ -119,12 +119,12 @@ def is_ct(path: str | Path) -> bool:
     return BidsName.parse(path).contrast == "CT"
 
 
-def find_images(bids_dir: str | Path, *, include_ct: bool = False) -> list[Path]:
-    """Every NIfTI image of ``sub-*/[ses-*/]anat/`` in a BIDS dataset, sorted; CT excluded by default.
+def iter_anat_files(root: str | Path):
+    """``(path, BidsName)`` of every NIfTI file of ``sub-*/[ses-*/]anat/`` below ``root``, sorted by path.
 
-    Derivatives, hidden files and names that are not BIDS are ignored.
+    Hidden files (temporary files of an interrupted write) and names that are not BIDS are ignored.
     """
-    root = Path(bids_dir)
+    root = Path(root)
     if not root.is_dir():
         raise InputError(root, "not a folder")
     found = []
@@ -133,13 +133,18 @@ def find_images(bids_dir: str | Path, *, include_ct: bool = False) -> list[Path]
             if not path.is_file() or split_extension(path.name)[1] == "":
                 continue
             try:
-                bn = BidsName.parse(path)
+                found.append((path, BidsName.parse(path)))
             except InputError:
                 continue
-            if bn.contrast == "CT" and not include_ct:
-                continue
-            found.append(path)
-    return sorted(found)
+    return sorted(found, key=lambda pair: pair[0])
+
+
+def find_images(bids_dir: str | Path, *, include_ct: bool = False) -> list[Path]:
+    """Every NIfTI image of ``sub-*/[ses-*/]anat/`` in a BIDS dataset, sorted; CT excluded by default.
+
+    Derivatives, hidden files and names that are not BIDS are ignored.
+    """
+    return [path for path, bn in iter_anat_files(bids_dir) if include_ct or bn.contrast != "CT"]
 
 
 def derivative_path(bids_dir: str | Path, image: str | Path, pipeline: str, *suffix: str) -> Path:

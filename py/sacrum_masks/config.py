@@ -359,6 +359,20 @@ def entry_path(root: Path, entry, key: str = "entry") -> Path:
     return full
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding an object; unreadable, invalid or non-object files raise :class:`InputError`."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(path, "not a JSON object")
+    return raw
+
+
 def load_config(path: str | Path, datasets_path: str | Path | None = None, *, check_exists: bool = True,
                 env=None) -> dict:
     """Load a split config with DATASETS_PATH resolved and every entry checked.
@@ -391,14 +405,7 @@ def load_config(path: str | Path, datasets_path: str | Path | None = None, *, ch
         names the config file and the entries.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(path, f"cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise InputError(path, "not a JSON object")
+    raw = read_json_object(path)
     if raw.get("TYPE") not in TYPES:
         raise InputError(path, f"TYPE is {raw.get('TYPE')!r}, expected LABEL or IMAGE")
     if "CONTRASTS" in raw and raw["CONTRASTS"] not in CONTRASTS:

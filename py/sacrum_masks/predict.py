@@ -89,16 +89,11 @@ def items_from_config(config_path: str | Path, datasets_path: str | Path | None 
     A bad entry (outside DATASETS_PATH, absolute, not ``<dataset>/.../<file>``) does not stop the
     others: it comes back with ``error`` set. Missing files are found later, when the image is read.
     """
-    from .config import entry_path, resolve_datasets_path
+    from .config import entry_path, read_json_object, resolve_datasets_path
 
     path = Path(config_path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(path, f"cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("TESTING", []), list):
+    raw = read_json_object(path)
+    if not isinstance(raw.get("TESTING", []), list):
         raise InputError(path, "not a config (expected a JSON object with a TESTING list)")
     root = resolve_datasets_path(raw, path, datasets_path)
     if not root.is_dir():

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import __version__
 from .batch import Batch, folder_lock
-from .bids import NIFTI_EXTENSIONS, BidsName, split_extension
+from .bids import NIFTI_EXTENSIONS, BidsName, iter_anat_files, split_extension
 from .errors import InputError, LockBusy
 from .nifti import atomic_path, load_image, same_grid, to_rpi, voxel_volume_ml, write_json_atomic, write_text_atomic
 
@@ -223,18 +223,8 @@ def dataset_root_of(deriv_dir: Path) -> Path:
 def find_masks(deriv_dir: Path, suffix: str = DEFAULT_SUFFIX) -> list[Path]:
     """Masks ``sub-*/[ses-*/]anat/*<suffix>.nii[.gz]`` of a derivatives folder, sorted."""
     parts = suffix_parts(suffix)
-    found = []
-    for pattern in ("sub-*/anat/sub-*", "sub-*/ses-*/anat/sub-*"):
-        for path in Path(deriv_dir).glob(pattern):
-            if not path.is_file() or split_extension(path.name)[1] == "":
-                continue
-            try:
-                bn = BidsName.parse(path)
-            except InputError:
-                continue
-            if len(bn.parts) > len(parts) and bn.parts[-len(parts):] == parts:
-                found.append(path)
-    return sorted(found)
+    return [path for path, bn in iter_anat_files(deriv_dir)
+            if len(bn.parts) > len(parts) and bn.parts[-len(parts):] == parts]
 
 
 def image_for_mask(mask: Path, deriv_dir: Path, dataset: Path, suffix: str = DEFAULT_SUFFIX) -> Path:
