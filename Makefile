@@ -34,7 +34,16 @@ help: ## list the targets
 
 setup: $(STAMP) ## create .venv with the pinned dependencies (TORCH=..., CT=1 adds TotalSegmentator)
 
-$(STAMP): pyproject.toml bin/setup.sh
+# The torch choice is part of the stamp: a new TORCH=... re-runs the install.
+TORCH_SPEC := $(VENV)/.torch-spec
+$(TORCH_SPEC): torch-spec-check
+	@mkdir -p $(VENV)
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(TORCH)" ]; then echo "$(TORCH)" > $@; fi
+
+.PHONY: torch-spec-check
+torch-spec-check: ;
+
+$(STAMP): pyproject.toml bin/setup.sh $(TORCH_SPEC)
 	bash bin/setup.sh
 	@touch $@
 
@@ -65,5 +74,5 @@ ct-labels: $(STAMP) ## stage 0: TotalSegmentator CT labels for DATASET (needs CT
 bench: $(STAMP) ## benchmarks, printed as ratios against baselines measured in the same run
 	bash bench/run.sh
 
-clean-demo: ## remove the demo data and its nnU-Net folders (data/demo, data/nnUNet)
-	rm -rf data/demo data/nnUNet
+clean-demo: ## remove the demo data and its nnU-Net folders (data/demo only; real data is never touched)
+	rm -rf data/demo
