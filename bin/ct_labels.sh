@@ -20,7 +20,7 @@ main() {
     exit 2
   fi
   if [[ "${FORCE:-0}" == "1" ]]; then opts+=(--force); fi
-  sacrum-masks ct-labels "${opts[@]}" "${dirs[@]}"
+  sacrum-masks ct-labels "${opts[@]}" -- "${dirs[@]}"
 }
 
 main "$@"

@@ -20,7 +20,7 @@ main() {
   fi
   local dir rc=0
   for dir in "${dirs[@]}"; do
-    sacrum-masks qc "${dir}" "${opts[@]}" || { rc=$?; err "failed for ${dir} (status ${rc})"; }
+    sacrum-masks qc "${opts[@]}" -- "${dir}" || { rc=$?; err "failed for ${dir} (status ${rc})"; }
   done
   exit "${rc}"
 }

@@ -52,7 +52,7 @@ main() {
       failed+=1
       continue
     fi
-    if ! sacrum-masks register-ct "${dataset}" "${opts[@]}"; then
+    if ! sacrum-masks register-ct "${opts[@]}" -- "${dataset}"; then
       failed+=1
     fi
   done

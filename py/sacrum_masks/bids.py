@@ -123,6 +123,8 @@ def iter_anat_files(root: str | Path):
     """``(path, BidsName)`` of every NIfTI file of ``sub-*/[ses-*/]anat/`` below ``root``, sorted by path.
 
     Hidden files (temporary files of an interrupted write) and names that are not BIDS are ignored.
+    An entry with a NIfTI name that is not a regular file (a folder, a broken link, a link loop) is
+    listed, so that the stage reading it reports it instead of skipping it silently.
     """
     root = Path(root)
     if not root.is_dir():
@@ -130,7 +132,7 @@ def iter_anat_files(root: str | Path):
     found = []
     for pattern in ("sub-*/anat/sub-*", "sub-*/ses-*/anat/sub-*"):
         for path in root.glob(pattern):
-            if not path.is_file() or split_extension(path.name)[1] == "":
+            if split_extension(path.name)[1] == "":
                 continue
             try:
                 found.append((path, BidsName.parse(path)))

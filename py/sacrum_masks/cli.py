@@ -2,7 +2,9 @@
 
 Subcommands are imported only when used (torch and nnU-Net are slow to import).
 A :class:`~sacrum_masks.errors.InputError` that reaches this level is printed as one line
-(``sacrum-masks: error: <file>: <reason>``) with exit status 2; a bug keeps its traceback.
+(``sacrum-masks: error: <file>: <reason>``) with exit status 2; a :class:`~sacrum_masks.errors.LockBusy`
+(another run is writing the same output) is one line with exit status 75 (EX_TEMPFAIL: try again later);
+a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import sys
 import click
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, LockBusy
+
+#: exit status of a run that found its output locked by another run (sysexits.h EX_TEMPFAIL)
+EXIT_BUSY = 75
 
 #: command name -> "module:attribute" (a click.Command)
 COMMANDS = {
@@ -28,6 +33,7 @@ COMMANDS = {
     "predict": "sacrum_masks.predict:predict_command",
     "qc": "sacrum_masks.qc:qc_command",
     "ct-labels": "sacrum_masks.ct_labels:ct_labels_command",
+    "train": "sacrum_masks.train:train_command",
 }
 
 
@@ -50,6 +56,9 @@ class LazyGroup(click.Group):
         except InputError as exc:
             click.echo(f"sacrum-masks: error: {exc}", err=True)
             sys.exit(2)
+        except LockBusy as exc:
+            click.echo(f"sacrum-masks: busy: {exc}", err=True)
+            sys.exit(EXIT_BUSY)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,7 +14,8 @@ The format is the original procedure's (totalspineseg ``init_data_config.py``)::
 * ``SEED`` is ours (the original split was not seeded); the original scripts ignore it.
 
 ``DATASETS_PATH`` may be absolute (original configs) or hold ``${VAR}`` expanded from the
-environment (``"${SACRUM_DATA}/bids"`` in ``resources/configs``). It is overridden, in this order,
+environment (``"${SACRUM_DATA}/bids"`` in ``resources/configs``); ``$$`` stands for a literal ``$``
+(init-config writes a folder name's ``$`` so). It is overridden, in this order,
 by the ``datasets_path`` argument (``--datasets-path``) and by the environment variable
 ``DATASETS_PATH``. An entry that leaves ``DATASETS_PATH`` (absolute, ``..``, or a symbolic link
 pointing outside) is refused.
@@ -54,7 +55,8 @@ LABEL_SUFFIXES: tuple[tuple[str, ...], ...] = (("label-sacrum", "seg"), ("seg",)
 SPLIT_KEYS = ("TRAINING", "VALIDATION", "TESTING")
 TYPES = ("LABEL", "IMAGE")
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+#: ``$$`` (a literal ``$``), ``${VAR}`` or ``$VAR``
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -248,8 +250,9 @@ def make_config(files, type_: str, validation: float = 0.1, test: float = 0.1, s
 
 
 def _portable_path(root: Path, var: str | None) -> str:
+    """DATASETS_PATH as written in a config: a literal ``$`` of a folder name doubled (see :func:`expand_vars`)."""
     if not var:
-        return str(root)
+        return str(root).replace("$", "$$")
     base = os.environ.get(var)
     if not base:
         raise InputError("--portable", f"environment variable {var} is not set")
@@ -261,7 +264,7 @@ def _portable_path(root: Path, var: str | None) -> str:
             rest = root.resolve().relative_to(base_path.resolve())
         except ValueError:
             raise InputError("--portable", f"DATASETS_PATH {root} is not inside ${var} ({base_path})") from None
-    return "${" + var + "}" + ("" if str(rest) == "." else "/" + rest.as_posix())
+    return "${" + var + "}" + ("" if str(rest) == "." else "/" + rest.as_posix().replace("$", "$$"))
 
 
 @click.command("init-config")
@@ -296,14 +299,18 @@ def init_config_command(txt, type_, split_validation, split_test, seed, portable
 
 
 def expand_vars(value: str, source, what: str = "DATASETS_PATH", env=None) -> str:
-    """Expand ``${VAR}`` / ``$VAR`` from the environment; an unset variable is an error.
+    """Expand ``${VAR}`` / ``$VAR`` from the environment; an unset variable is an error; ``$$`` is ``$``.
 
     >>> expand_vars("${HOME_X}/bids", "c.json", env={"HOME_X": "/data"})
     '/data/bids'
+    >>> expand_vars("/data/a$$b", "c.json", env={})
+    '/data/a$b'
     """
     env = os.environ if env is None else env
 
     def sub(match):
+        if match.group(0) == "$$":
+            return "$"
         name = match.group(1) or match.group(2)
         if not env.get(name):
             raise InputError(source, f"{what} uses ${{{name}}}, which is not set: set it, set DATASETS_PATH "
@@ -353,7 +360,10 @@ def entry_path(root: Path, entry, key: str = "entry") -> Path:
     if ".." in pure.parts:
         raise InputError(label, "'..' leaves DATASETS_PATH")
     full = root.joinpath(*pure.parts)
-    real = full.resolve()
+    try:
+        real = full.resolve()
+    except RuntimeError:  # Python < 3.13 raises it for a symbolic link loop
+        raise InputError(label, "symbolic link loop") from None
     if not real.is_relative_to(root):
         raise InputError(label, f"a symbolic link leads outside DATASETS_PATH (to {real})")
     return full

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
@@ -25,6 +27,9 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 
 from . import RPI_AXCODES
 from .errors import InputError
+
+#: Smallest voxel volume (mm^3) accepted: below it the affine is taken as singular.
+MIN_VOXEL_MM3 = 1e-9
 
 
 def load_image(path: str | Path, *, check_finite: bool = True, squeeze_4d: bool = True):
@@ -47,16 +52,22 @@ def load_image(path: str | Path, *, check_finite: bool = True, squeeze_4d: bool 
     Raises
     ------
     InputError
-        Missing, unreadable or truncated file, not 3D, or non-finite voxels.
+        Missing, unreadable or truncated file, not 3D, non-finite voxels, or a singular affine.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such file")
+    check_file(path)
+    img = None
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
-        raise InputError(path, f"cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError) as exc:
+        detail = " ".join(str(exc).split())  # one line: some nibabel messages hold newlines
+        raise InputError(path, f"cannot read NIfTI ({type(exc).__name__}: {detail})") from None
+    except MemoryError:
+        shape = f"shape {img.shape}" if img is not None else "a size"
+        raise InputError(path, f"cannot read NIfTI (header claims {shape}, more than the memory available: "
+                               "damaged header?)") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
     if data.ndim == 4 and data.shape[3] == 1 and squeeze_4d:
@@ -69,7 +80,32 @@ def load_image(path: str | Path, *, check_finite: bool = True, squeeze_4d: bool 
     if check_finite and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise InputError(path, f"{bad} voxels are NaN or infinite")
+    lin = np.asarray(img.affine, float)[:3, :3]
+    if not np.isfinite(img.affine).all() or abs(float(np.linalg.det(lin))) < MIN_VOXEL_MM3:
+        raise InputError(path, "voxel-to-world affine is singular or not finite (zero voxel size or "
+                               "degenerate qform/sform): fix the header")
     return img, data
+
+
+def check_file(path: str | Path) -> Path:
+    """Raise :class:`InputError` unless ``path`` is a readable regular file (or a link to one).
+
+    The reason names what is wrong: no such file, a folder, a symbolic link loop or a broken link.
+    """
+    path = Path(path)
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(path, "symbolic link loop") from None
+        if path.is_symlink():
+            raise InputError(path, f"broken symbolic link (to {os.readlink(path)})") from None
+        raise InputError(path, "no such file" if exc.errno == errno.ENOENT else f"cannot read ({exc.strerror})") from None
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a NIfTI file")
+    if not path.is_file():
+        raise InputError(path, "not a regular file")
+    return path
 
 
 def mask_like(data: np.ndarray, reference) -> nib.Nifti1Image:
@@ -116,6 +152,17 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(*paths: str | Path) -> None:
+    """Remove the hidden temporary files (:func:`atomic_path`) a killed run left beside ``paths``.
+
+    Call it only while holding the lock of the output folder (a running writer's file would go too).
+    """
+    for path in map(Path, paths):
+        ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{ext}"):
+            tmp.unlink(missing_ok=True)
 
 
 def save_nifti_atomic(img, path: str | Path) -> Path:

@@ -46,7 +46,7 @@ from .batch import Batch, folder_lock
 from .bids import BidsName, derivative_path, find_images, split_extension
 from .components import largest_component
 from .errors import InputError, LockBusy
-from .nifti import (from_rpi, load_image, mask_like, save_nifti_atomic, sha256_file, to_rpi,
+from .nifti import (check_file, from_rpi, load_image, remove_stale_temporaries, mask_like, save_nifti_atomic, sha256_file, to_rpi,
                     voxel_volume_ml, write_json_atomic)
 
 TOOL_NAME = "sacrum-masks"
@@ -258,14 +258,6 @@ def ensure_dataset_description(folder: Path) -> None:
         write_json_atomic(dataset_description(), path)
 
 
-def remove_stale_temporaries(*paths: Path) -> None:
-    """Remove the hidden temporary files a killed run left beside ``paths`` (call under the lock)."""
-    for path in paths:
-        ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-        for tmp in path.parent.glob(f".{path.name}.*.tmp{ext}"):
-            tmp.unlink(missing_ok=True)
-
-
 def write_outputs(mask_img, mask_path: Path, sidecar: dict, sidecar_path: Path) -> None:
     """Write mask and sidecar, each atomically, in the order that keeps a killed run detectable.
 
@@ -403,8 +395,7 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
                 continue
             try:
                 mask_path, side_path = output_paths(it)
-                if not it.image.is_file():
-                    raise InputError(it.image, "no such file")
+                check_file(it.image)
                 remove_stale_temporaries(mask_path, side_path)
                 sha = sha256_file(it.image)
             except InputError as exc:

@@ -384,13 +384,14 @@ def run_qc(deriv_dir, out_dir=None, *, suffix: str = DEFAULT_SUFFIX, force: bool
                                "GeneratedBy": [{"Name": "sacrum-masks qc", "Version": __version__}]},
                               out_dir / "dataset_description.json")
         for mask in masks:
-            rel_mask = mask.resolve().relative_to(dataset).as_posix()
+            # the folder resolved, not the file: a mask that is a link loop is reported by qc_one
+            rel_mask = (mask.parent.resolve() / mask.name).relative_to(dataset).as_posix()
             image = image_for_mask(mask, deriv_dir, dataset, suffix)
             rel_dir = mask.parent.resolve().relative_to(deriv_dir.resolve())
             png = out_dir / rel_dir / (split_extension(mask.name)[0] + ".png")
             bn = BidsName.parse(mask)
             try:
-                rel_image = image.resolve().relative_to(dataset).as_posix()
+                rel_image = (image.parent.resolve() / image.name).relative_to(dataset).as_posix()
             except ValueError:
                 rel_image = str(image)
             entry = QcEntry(mask=rel_mask, image=rel_image, png=None, subject=bn.sub, session=bn.ses)

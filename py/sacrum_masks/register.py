@@ -41,7 +41,8 @@ from . import __version__
 from .batch import Batch, folder_lock
 from .bids import BidsName, find_images
 from .errors import InputError, LockBusy
-from .nifti import load_image, mask_like, same_grid, save_nifti_atomic, voxel_volume_ml, write_json_atomic
+from .nifti import (check_file, load_image, mask_like, remove_stale_temporaries, same_grid, save_nifti_atomic,
+                    voxel_volume_ml, write_json_atomic)
 
 #: TotalSegmentator label order -> sacrum indices (v2 splits S1 off the sacrum: both are needed).
 TOTALSEG_INDICES = {"v1": (92,), "v2": (25, 26)}
@@ -486,6 +487,11 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
             ensure_dataset_description(path_out)
             for image in images:
                 item = f"{bids_dir.name}/{image.relative_to(bids_dir)}"
+                try:
+                    check_file(image)  # a folder or a link loop named like an image: say so, go on
+                except InputError as exc:
+                    batch.report(item, "failed", str(exc))
+                    continue
                 label, looked = find_label(bids_dir, image, path_label, seg_suffix)
                 if label is None:
                     batch.report(item, "failed", "no label (looked for " + ", ".join(str(p) for p in looked) + ")")
@@ -496,6 +502,7 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
                     batch.report(item, "failed", f"output {out} would overwrite its input")
                     continue
                 side = out.with_name(out.name[: -len(".nii.gz")] + ".json")
+                remove_stale_temporaries(out, side)  # left by a killed run; we hold the lock
                 try:
                     idx, src = resolve_indices(label, indices)
                     if not force and _up_to_date(out, side, image, label, idx):
@@ -510,7 +517,7 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
                     detail += "; warning: " + "; ".join(res.warnings)
                 batch.report(item, "written", detail)
     except LockBusy as exc:
-        raise InputError(path_out, f"another register-ct run is writing here ({exc}); try again when it ends") from None
+        raise LockBusy(f"{path_out}: another register-ct run is writing here ({exc}); try again when it ends") from None
     return batch
 
 
