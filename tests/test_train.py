@@ -8,11 +8,13 @@ No GPU exists in CI: "GPU=0 without CUDA" is the real situation there; the test 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,8 @@ import pytest
 from conftest import ROOT, demo_env
 from sacrum_masks.device import device_problem, parse_gpu
 from sacrum_masks.plans import add_small_plans, small_configuration, with_small_configuration
+from sacrum_masks.train import (ProcessGroups, TrainStop, dataset_prefix, evaluation_up_to_date, find_dataset,
+                                fold_state, folds, newer, plans_up_to_date, raw_fingerprint, zip_up_to_date)
 
 TRAIN = ROOT / "bin" / "train.sh"
 CPU = {"GPU": "cpu", "TRAINER": "nnUNetTrainer_SacrumCPU", "CONFIGURATION": "3d_fullres_small", "FOLD": "0"}
@@ -210,3 +214,194 @@ def test_interrupted_training_resumes(tmp_path):
     assert epochs_run_again[-1] == "2"
     rows = _read_table(model / "evaluation_fold0.csv")
     assert [r["case"] for r in rows] == ["Blob_006"] and rows[0]["status"] == "ok"
+
+
+# ---------------------------------------------------------------- sacrum_masks.train: decisions and processes
+
+def test_folds_and_dataset_prefix():
+    assert folds("all") == (0, 1, 2, 3, 4) and folds("3") == (3,)
+    for bad in ("", "10", "0,1", "-1", "ALL"):
+        with pytest.raises(ValueError, match=f"^FOLD={bad}: expected a fold number"):
+            folds(bad)
+    assert dataset_prefix("7") == "Dataset007" and dataset_prefix("042") == "Dataset042"
+    for bad in ("", "1000", "3a", "300\n"):
+        with pytest.raises(ValueError, match="expected a dataset number from 1 to 999"):
+            dataset_prefix(bad)
+
+
+def test_raw_fingerprint_is_the_find_sort_sha256_of_bash(tmp_path):
+    raw = tmp_path / "Dataset001_X"
+    (raw / "imagesTr" / ".hidden_dir").mkdir(parents=True)
+    (raw / "imagesTr" / "a b_0000.nii.gz").write_bytes(b"12345")
+    (raw / "imagesTr" / ".hidden_dir" / "c.nii.gz").write_bytes(b"1")   # counted: only file names are filtered
+    (raw / "imagesTr" / ".DS_Store").write_bytes(b"xx")                 # not counted
+    (raw / "dataset.json").write_text("{}")
+    (raw / "link.json").symlink_to(raw / "dataset.json")               # links: not counted, not followed
+    (raw / "linked_dir").symlink_to(raw / "imagesTr")
+    os.utime(raw / "dataset.json", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    pipeline = ("cd \"$1\" && find . -type f ! -name '.*' -printf '%P %s %T@\\n' "
+                "| LC_ALL=C sort | sha256sum | cut -d' ' -f1")
+    bash = subprocess.run(["bash", "-c", pipeline, "_", str(raw)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    before = raw_fingerprint(raw)
+    assert before == bash
+    os.utime(raw / "dataset.json", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_790))
+    assert raw_fingerprint(raw) != before                                # one nanosecond later
+    (tmp_path / "empty").mkdir()
+    assert raw_fingerprint(tmp_path / "empty") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def test_fold_state(tmp_path):
+    fold = tmp_path / "fold_0"
+    assert fold_state(fold, "abc") == "new"                               # nothing yet
+    fold.mkdir()
+    (fold / "checkpoint_latest.pth").write_bytes(b"")
+    assert fold_state(fold, "abc") == "new"                               # no stamp: not ours to resume
+    (fold / ".sacrum-raw-fingerprint").write_text("abc\n")
+    assert fold_state(fold, "abc") == "resume"
+    assert fold_state(fold, "abc", force=True) == "new"
+    assert fold_state(fold, "changed") == "new"                           # other raw data: from scratch
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    assert fold_state(fold, "abc") == "done"
+    assert fold_state(fold, "changed") == "new"
+    assert fold_state(fold, "abc", force=True) == "new"
+    (fold / ".sacrum-raw-fingerprint").unlink()
+    assert fold_state(fold, "anything") == "done"                         # finished before stamps existed
+
+
+def test_plans_and_outputs_up_to_date(tmp_path):
+    pp = tmp_path / "pp"
+    pp.mkdir()
+    (pp / ".sacrum-raw-fingerprint-3d_fullres").write_text("abc\n")
+    assert not plans_up_to_date(pp, "3d_fullres", "abc", False)          # no nnUNetPlans.json
+    (pp / "nnUNetPlans.json").write_text("{}")
+    assert plans_up_to_date(pp, "3d_fullres", "abc", False)
+    assert not plans_up_to_date(pp, "3d_fullres", "abc", True)
+    assert not plans_up_to_date(pp, "3d_fullres", "other", False)
+    assert not plans_up_to_date(pp, "2d", "abc", False)
+
+    model = tmp_path / "model"
+    for f in (0, 2):
+        (model / f"fold_{f}").mkdir(parents=True)
+        (model / f"fold_{f}" / "checkpoint_final.pth").write_bytes(b"")
+        os.utime(model / f"fold_{f}" / "checkpoint_final.pth", ns=(10**18, 10**18 + f))
+    zip_path = tmp_path / "model.zip"
+    assert not zip_up_to_date(model, zip_path)
+    zip_path.write_bytes(b"")
+    os.utime(zip_path, ns=(10**18, 10**18 + 2))
+    assert zip_up_to_date(model, zip_path)                                  # same time is not newer
+    os.utime(zip_path, ns=(10**18, 10**18 + 1))
+    assert not zip_up_to_date(model, zip_path)                              # fold 2 is newer
+
+    chk, table, preds = model / "fold_0" / "checkpoint_final.pth", model / "evaluation_fold0.csv", model / "preds"
+    assert newer(chk, tmp_path / "absent") and not newer(tmp_path / "absent", chk)
+    table.write_text("case\n")
+    assert not evaluation_up_to_date(table, chk, preds)                     # no predictions folder
+    preds.mkdir()
+    assert evaluation_up_to_date(table, chk, preds)
+    os.utime(chk, ns=(2 * 10**18, 2 * 10**18))
+    assert not evaluation_up_to_date(table, chk, preds)                     # retrained since
+
+
+def test_find_dataset(tmp_path):
+    assert find_dataset(tmp_path / "absent", "Dataset300") is None
+    (tmp_path / "Dataset300_A").mkdir()
+    (tmp_path / "Dataset3000_B").mkdir()
+    (tmp_path / "Dataset300_file").write_text("")
+    (tmp_path / "Dataset300_link").symlink_to(tmp_path / "Dataset3000_B")
+    assert find_dataset(tmp_path, "Dataset300") == "Dataset300_A"
+    (tmp_path / "Dataset300_C").mkdir()
+    with pytest.raises(TrainStop, match=r"several datasets numbered Dataset300 \(Dataset300_A Dataset300_C\)"):
+        find_dataset(tmp_path, "Dataset300")
+
+
+_GROUP_SCRIPT = """
+import sys
+from sacrum_masks.train import ProcessGroups
+groups = ProcessGroups()
+groups.install()
+groups.run(["bash", "-c", 'echo $$ > "$1"; sleep 300 & sleep 300 & wait', "_", sys.argv[1]])
+"""
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    out = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(stat_file.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_kills_the_child_process_group(tmp_path, sig, code):
+    """The running command's whole group (here two background sleeps) dies; exit 128 + signal number."""
+    pid_file = tmp_path / "pid"
+    proc = subprocess.Popen([sys.executable, "-c", _GROUP_SCRIPT, str(pid_file)], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().strip()) or len(
+                _group_members(int(pid_file.read_text()))) < 3:
+            assert proc.poll() is None and time.monotonic() < end
+            time.sleep(0.1)
+        group = int(pid_file.read_text())
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code
+    assert stderr.strip() == f"train: interrupted by {sig.name}; run the same command again to resume"
+    end = time.monotonic() + 10
+    while _group_members(group) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert _group_members(group) == []
+
+
+def test_failed_command_status_is_kept():
+    with pytest.raises(TrainStop) as stop:
+        ProcessGroups().run(["bash", "-c", "exit 3"])
+    assert stop.value.code == 3 and str(stop.value) == ""
+    with pytest.raises(TrainStop) as stop:
+        ProcessGroups().run(["bash", "-c", "kill -KILL $$"])
+    assert stop.value.code == 128 + 9
+
+
+def _empty_raw(data: Path, name: str) -> Path:
+    root = data / "nnUNet" / "raw" / name
+    (root / "imagesTr").mkdir(parents=True)
+    return root
+
+
+def test_dataset_number_conflicts_and_busy_lock_stop_before_planning(tmp_path):
+    data = tmp_path / "data"
+    env = demo_env(data)
+    _empty_raw(data, "Dataset302_A")
+    (data / "nnUNet" / "results" / "Dataset302_B").mkdir(parents=True)
+    res = _run_train(env, DNUM="302", GPU="cpu", TRAINER="nnUNetTrainer_SacrumCPU")
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"train: {data}/nnUNet/results/Dataset302_B has the number of {data}/nnUNet/raw/Dataset302_A; "
+        f"nnU-Net refuses to run: remove or renumber one")
+    _empty_raw(data, "Dataset302_C")
+    res = _run_train(env, DNUM="302", GPU="cpu")
+    assert res.returncode == 1
+    assert "has several datasets numbered Dataset302 (Dataset302_A Dataset302_C)" in res.stderr
+
+    _empty_raw(data, "Dataset303_A")
+    results = data / "nnUNet" / "results"
+    fd = os.open(results / ".Dataset303.train.lock", os.O_WRONLY | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        res = _run_train(env, DNUM="303", GPU="cpu")
+    finally:
+        os.close(fd)
+    assert res.returncode == 75  # EX_TEMPFAIL, as the other stages
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"train: another training of Dataset303_A is running (lock {results}/.Dataset303.train.lock)")
+    assert not (data / "nnUNet" / "preprocessed" / "Dataset303_A").exists()

@@ -15,10 +15,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import InputError, LockBusy
-
-#: exit status of a run that found its output locked by another run (sysexits.h EX_TEMPFAIL)
-EXIT_BUSY = 75
+from .errors import EXIT_BUSY, InputError, LockBusy
 
 #: command name -> "module:attribute" (a click.Command)
 COMMANDS = {

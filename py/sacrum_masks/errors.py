@@ -27,5 +27,9 @@ class InputError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+#: exit status of a run that found its output locked by another run (sysexits.h EX_TEMPFAIL: try again later)
+EXIT_BUSY = 75
+
+
 class LockBusy(Exception):
-    """Another run holds the lock of an output folder."""
+    """Another run holds the lock of an output folder (reported as one line, exit status :data:`EXIT_BUSY`)."""

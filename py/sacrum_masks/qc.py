@@ -38,7 +38,7 @@ import numpy as np
 from . import __version__
 from .batch import Batch, folder_lock
 from .bids import NIFTI_EXTENSIONS, BidsName, iter_anat_files, split_extension
-from .errors import InputError, LockBusy
+from .errors import EXIT_BUSY, InputError, LockBusy
 from .nifti import atomic_path, load_image, same_grid, to_rpi, voxel_volume_ml, write_json_atomic, write_text_atomic
 
 DEFAULT_SUFFIX = "_label-sacrum_seg"
@@ -453,7 +453,7 @@ def qc_command(deriv_dir: Path, out_dir: Path | None, suffix: str, force: bool):
         entries, index = run_qc(deriv_dir, out_dir, suffix=suffix, force=force, batch=batch)
     except LockBusy as exc:
         click.echo(f"qc: {exc}; wait for it to finish", err=True)
-        sys.exit(75)
+        sys.exit(EXIT_BUSY)
     flagged = sum(1 for en in entries if en.flags)
     click.echo(batch.summary(["written", "up to date", "failed"]) + f" ({flagged} flagged); report: {index}")
     sys.exit(batch.exit_code)
