@@ -323,5 +323,5 @@ def test_second_concurrent_conversion_says_so(tmp_path):
     with folder_lock(raw, name=".Dataset300_SacrumDataset.lock"):
         res = run(["convert", "--config", str(cfg_path), "--path-out", str(raw)])
     assert res.exit_code == 75
-    assert "another conversion is running, not starting a second one" in res.output
+    assert res.output == f"sacrum-masks: busy: {raw}: another run holds {raw}/.Dataset300_SacrumDataset.lock\n"
     assert not (raw / "Dataset300_SacrumDataset").exists()

@@ -36,7 +36,7 @@ from . import RPI_AXCODES, __version__
 from .batch import Batch, folder_lock
 from .bids import BidsName
 from .config import SPLIT_KEYS, entry_path, image_from_label, load_config, relative_entry
-from .errors import EXIT_BUSY, InputError, LockBusy
+from .errors import InputError
 from .nifti import load_image, mask_like, save_nifti_atomic, sha256_file, to_rpi, write_json_atomic
 
 #: Largest difference (mm) allowed between the image's and the label's affines after reorientation.
@@ -378,12 +378,8 @@ def convert_command(config_path, datasets_path, path_out, dnum, dname, force, sk
     config = load_config(config_path, datasets_path)
     batch = Batch("convert")
     extra = [os.environ.get("nnUNet_preprocessed"), os.environ.get("nnUNet_results")]
-    try:
-        result = convert_dataset(config, path_out, dnum, dname, force=force, skip_invalid=skip_invalid,
-                                 batch=batch, extra_roots=[e for e in extra if e])
-    except LockBusy as exc:
-        click.echo(f"convert: {exc}; another conversion is running, not starting a second one", err=True)
-        sys.exit(EXIT_BUSY)
+    result = convert_dataset(config, path_out, dnum, dname, force=force, skip_invalid=skip_invalid,
+                             batch=batch, extra_roots=[e for e in extra if e])  # LockBusy: exit 75 (cli)
     if result.status == "up to date":
         return
     click.echo(batch.summary(["converted", "skipped", "failed"]))

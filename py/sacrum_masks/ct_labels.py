@@ -37,7 +37,7 @@ import numpy as np
 from . import __version__
 from .batch import Batch, folder_lock
 from .bids import BidsName, derivative_path, find_images
-from .errors import EXIT_BUSY, InputError, LockBusy
+from .errors import InputError
 from .nifti import load_image, same_grid, save_nifti_atomic, sha256_file, write_json_atomic
 
 LABEL_ORDER = "totalsegmentator-v2"
@@ -301,8 +301,5 @@ def ct_labels_command(bids_dirs: tuple[Path, ...], device: str, fast: bool, forc
     except TotalSegUnavailable as exc:
         click.echo(f"ct-labels: {exc}", err=True)
         sys.exit(3)
-    except LockBusy as exc:
-        click.echo(f"ct-labels: {exc}; wait for it to finish", err=True)
-        sys.exit(EXIT_BUSY)
     click.echo(batch.summary(["written", "kept", "failed"]))
     sys.exit(batch.exit_code)

@@ -38,7 +38,7 @@ import numpy as np
 from . import __version__
 from .batch import Batch, folder_lock
 from .bids import NIFTI_EXTENSIONS, BidsName, iter_anat_files, split_extension
-from .errors import EXIT_BUSY, InputError, LockBusy
+from .errors import InputError
 from .nifti import atomic_path, load_image, same_grid, to_rpi, voxel_volume_ml, write_json_atomic, write_text_atomic
 
 DEFAULT_SUFFIX = "_label-sacrum_seg"
@@ -449,11 +449,7 @@ def qc_command(deriv_dir: Path, out_dir: Path | None, suffix: str, force: bool):
     no sidecar. Re-running redraws only pictures older than their mask or image (--force: all).
     """
     batch = Batch("qc")
-    try:
-        entries, index = run_qc(deriv_dir, out_dir, suffix=suffix, force=force, batch=batch)
-    except LockBusy as exc:
-        click.echo(f"qc: {exc}; wait for it to finish", err=True)
-        sys.exit(EXIT_BUSY)
+    entries, index = run_qc(deriv_dir, out_dir, suffix=suffix, force=force, batch=batch)  # LockBusy: exit 75 (cli)
     flagged = sum(1 for en in entries if en.flags)
     click.echo(batch.summary(["written", "up to date", "failed"]) + f" ({flagged} flagged); report: {index}")
     sys.exit(batch.exit_code)
