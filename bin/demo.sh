@@ -4,8 +4,8 @@
 #   demo data -> stage 1 (CT/MRI labels onto MRI grids) -> split config -> stage 2 (nnU-Net dataset) ->
 #   stage 3 (plan, preprocess, small CPU trainer, evaluation) -> stage 4 (masks for the test datasets) ->
 #   Dice against the hidden truth -> QC report.
-# Everything lives under SACRUM_DATA (default data/demo in the checkout), so the demo never touches a real
-# data root. Re-running does only what is missing.
+# Everything lives under SACRUM_DATA (default data/demo in the checkout), nnU-Net folders included, so the
+# demo never touches a real data root or exported nnUNet_* folders. Re-running does only what is missing.
 #   SACRUM_DATA   demo data root (default <checkout>/data/demo)
 #   DEMO_SEED     seed of the synthetic datasets (default 0)
 set -euo pipefail
@@ -17,6 +17,10 @@ main() {
   local root
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   export SACRUM_DATA="${SACRUM_DATA:-${root}/data/demo}"
+  # The demo never uses a user's own nnU-Net folders (env.sh keeps exported ones): pin them below SACRUM_DATA.
+  export nnUNet_raw="${SACRUM_DATA}/nnUNet/raw"
+  export nnUNet_preprocessed="${SACRUM_DATA}/nnUNet/preprocessed"
+  export nnUNet_results="${SACRUM_DATA}/nnUNet/results"
   # shellcheck source=../env.sh
   source "${root}/env.sh"
   local bids="${SACRUM_DATA}/bids"

@@ -295,13 +295,18 @@ def test_missing_entries_listed_or_left_to_caller(tmp_path):
     assert len(load_config(c, env={}, check_exists=False)["TESTING"]) == 3
 
 
+def test_shipped_test_config_is_the_original_list():
+    if not ORIGINAL.is_file():
+        pytest.skip(f"the original config {ORIGINAL} is not here (it comes with ../shared)")
+    raw = json.loads((ROOT / "resources" / "configs" / "test_sacrum.json").read_text())
+    original = json.loads(ORIGINAL.read_text())
+    assert raw["TESTING"] == original["TESTING"] and raw["TYPE"] == original["TYPE"] == "IMAGE"
+
+
 def test_resources_test_config_is_the_original_list(tmp_path):
     cfg_path = ROOT / "resources" / "configs" / "test_sacrum.json"
     raw = json.loads(cfg_path.read_text())
     assert raw["DATASETS_PATH"] == "${SACRUM_DATA}/bids"
-    if ORIGINAL.is_file():
-        original = json.loads(ORIGINAL.read_text())
-        assert raw["TESTING"] == original["TESTING"] and raw["TYPE"] == original["TYPE"] == "IMAGE"
     cfg = load_config(cfg_path, tmp_path, check_exists=False, env={})
     assert len(cfg["TESTING"]) == 453
     firsts = [p.relative_to(tmp_path.resolve()).parts[0] for p in cfg["TESTING"]]
