@@ -325,3 +325,20 @@ def test_second_concurrent_conversion_says_so(tmp_path):
     assert res.exit_code == 75
     assert res.output == f"sacrum-masks: busy: {raw}: another run holds {raw}/.Dataset300_SacrumDataset.lock\n"
     assert not (raw / "Dataset300_SacrumDataset").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", "{broken"])
+def test_conversion_record_not_an_object_is_not_up_to_date(tmp_path, text):
+    """A conversion.json holding JSON that is not an object: one line (rebuild with --force), no crash."""
+    root = tmp_path / "bids"
+    labels = four_subjects(root)
+    cfg_path = config_file(tmp_path, labels)
+    raw = tmp_path / "raw"
+    args = ["convert", "--config", str(cfg_path), "--path-out", str(raw)]
+    assert run(args).exit_code == 0
+    ds = raw / "Dataset300_SacrumDataset"
+    (ds / "conversion.json").write_text(text)
+    res = run(args)
+    assert res.exit_code == 2
+    assert res.output.strip() == (f"sacrum-masks: error: {ds}: exists and has an unreadable conversion.json: "
+                                  "pass --force to replace it")

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 from sacrum_masks import ct_labels
 from sacrum_masks.cli import main
+from sacrum_masks.nifti import sha256_file
 
 CT_SHAPE = (16, 18, 14)
 
@@ -213,6 +214,98 @@ def test_no_sacrum_found_fails_that_ct_only(tmp_path, fake_totalseg, totalseg_ho
     assert "no sacrum (25) or vertebrae_S1 (26)" in batch.failures[0]
     assert {p.name for p in (root2 / "derivatives/labels").rglob("*CT_seg*")} == {"sub-03_CT_seg.nii.gz",
                                                                                   "sub-03_CT_seg.json"}
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL between two writes (nothing of the run after it happens)."""
+
+
+@pytest.mark.parametrize("killed_write", ["save_nifti_atomic", "write_json_atomic"])
+@pytest.mark.parametrize("case", ["new label", "stale label"])
+def test_run_killed_between_label_and_sidecar_is_redone(tmp_path, fake_totalseg, totalseg_home, monkeypatch,
+                                                        killed_write, case):
+    """TotalSegmentator call faked (see module docstring). Whichever write a kill interrupts, the next
+    run redoes that CT: never a label without sidecar taken for foreign, never an old label beside a
+    new sidecar taken for current."""
+    provide_weights(totalseg_home)
+    root = make_bids(tmp_path / "ds")
+    ct_path = root / "sub-01/anat/sub-01_CT.nii.gz"
+    if case == "stale label":
+        assert dict(ct_labels.run_ct_labels(root, device="cpu", command_line="t").counts) == {"written": 2, "kept": 1}
+        changed = _ct(nib.load(str(ct_path)).affine)
+        changed.dataobj[0, 0, 0] = 7
+        nib.save(changed, str(ct_path))
+    real = getattr(ct_labels, killed_write)
+
+    def kill_on_first_output(obj, path):
+        if Path(path).parent.name == "anat":
+            raise _Killed()
+        return real(obj, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(ct_labels, killed_write, kill_on_first_output)
+        with pytest.raises(_Killed):
+            ct_labels.run_ct_labels(root, device="cpu", command_line="t")
+    batch = ct_labels.run_ct_labels(root, device="cpu", command_line="t")
+    expected = {"written": 2, "kept": 1} if case == "new label" else {"written": 1, "kept": 2}
+    assert dict(batch.counts) == expected
+    redone = [c["input"] for c in fake_totalseg.calls[-expected["written"]:]]
+    assert redone[0] == str(ct_path)
+    side = json.loads((root / "derivatives/labels/sub-01/anat/sub-01_CT_seg.json").read_text())
+    assert side["SourcesSHA256"] == {"bids::sub-01/anat/sub-01_CT.nii.gz": sha256_file(ct_path)}
+    assert ct_labels.label_state(root / "derivatives/labels/sub-01/anat/sub-01_CT_seg.nii.gz", ct_path) == "current"
+
+
+def test_sidecar_without_label_is_absent_unless_foreign(tmp_path):
+    label = tmp_path / "sub-01_CT_seg.nii.gz"
+    ct = tmp_path / "sub-01_CT.nii.gz"
+    side = tmp_path / "sub-01_CT_seg.json"
+    assert ct_labels.label_state(label, ct) == "absent"
+    side.write_text(json.dumps({"GeneratedBy": [{"Name": "TotalSegmentator"}, {"Name": "sacrum-masks ct-labels"}]}))
+    assert ct_labels.label_state(label, ct) == "absent"              # ours: a killed run, redo it
+    side.write_text(json.dumps({"LabelOrder": "totalsegmentator-v1", "SacrumIndices": [92]}))
+    assert ct_labels.label_state(label, ct) == "foreign"             # the dataset's own: never overwritten
+    label.write_bytes(b"x")
+    side.write_text("[1, 2]")
+    assert ct_labels.label_state(label, ct) == "foreign"             # no crash on a JSON array
+
+
+def test_stale_temporaries_are_removed_under_the_lock(tmp_path, fake_totalseg, totalseg_home):
+    """TotalSegmentator call faked (see module docstring)."""
+    provide_weights(totalseg_home)
+    root = make_bids(tmp_path / "ds")
+    folder = root / "derivatives/labels/sub-01/anat"
+    folder.mkdir(parents=True)
+    leftovers = [folder / ".sub-01_CT_seg.nii.gz.abc123.tmp.nii.gz", folder / ".sub-01_CT_seg.json.abc123.tmp.json"]
+    for p in leftovers:
+        p.write_bytes(b"half")
+    batch = ct_labels.run_ct_labels(root, device="cpu", command_line="t")
+    assert dict(batch.counts) == {"written": 2, "kept": 1}
+    assert not any(p.exists() for p in leftovers)
+
+
+def test_unreadable_ct_is_one_failure_line(tmp_path, fake_totalseg, totalseg_home, monkeypatch):
+    """TotalSegmentator call faked (see module docstring). The OS refusing to read a CT is simulated by
+    making the checksum's read fail (the tests run as root, where file modes do not stop reads)."""
+    provide_weights(totalseg_home)
+    root = make_bids(tmp_path / "ds")
+    real = ct_labels.sha256_file
+
+    def refuse_sub01(path, *args, **kwargs):
+        if Path(path).name == "sub-01_CT.nii.gz":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ct_labels, "sha256_file", refuse_sub01)
+    batch = ct_labels.run_ct_labels(root, device="cpu", command_line="t")     # no label yet: read in the loop
+    assert dict(batch.counts) == {"written": 1, "kept": 1, "failed": 1} and batch.exit_code == 1
+    assert batch.failures == ["sub-01/anat/sub-01_CT.nii.gz: cannot read (Permission denied)"]
+    monkeypatch.setattr(ct_labels, "sha256_file", real)
+    assert dict(ct_labels.run_ct_labels(root, device="cpu", command_line="t").counts) == {"written": 1, "kept": 2}
+    monkeypatch.setattr(ct_labels, "sha256_file", refuse_sub01)
+    batch = ct_labels.run_ct_labels(root, device="cpu", command_line="t")     # our label: read for label_state
+    assert dict(batch.counts) == {"kept": 2, "failed": 1}
+    assert len(batch.failures) == 1 and "cannot read (Permission denied)" in batch.failures[0]
 
 
 def test_label_on_grid_refuses_wrong_grid_and_foreign_values():

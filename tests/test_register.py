@@ -360,7 +360,9 @@ def test_cli_on_small_bids(tmp_path):
     assert _tree_digest(bids) == before  # inputs untouched
     out = bids / "derivatives/reg-labels"
     desc = json.loads((out / "dataset_description.json").read_text())
-    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "sacrum-masks register-ct"
+    # one writer for every stage (bids.ensure_dataset_description): the tool's name, the stage in Description
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "sacrum-masks"
+    assert desc["GeneratedBy"][0]["Description"].startswith("register-ct: ")
     for rel, src, idx, frm in [("sub-01/anat/sub-01_T2w", "sub-01_CT_seg.nii.gz", [92], "default"),
                                ("sub-01/anat/sub-01_T1w", "sub-01_CT_seg.nii.gz", [92], "default"),
                                ("sub-02/anat/sub-02_T2w", "sub-02_T2w_seg.nii.gz", [1], "sidecar")]:
@@ -410,6 +412,79 @@ def test_touching_the_label_makes_the_output_out_of_date(tmp_path):
     r = _run(bids)
     assert r.output.splitlines()[-1] == "register-ct: 1 written, 2 up to date, 0 failed"
     assert "written  ds/sub-02/anat/sub-02_T2w.nii.gz" in r.output
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL between two writes (nothing of the run after it happens)."""
+
+
+@pytest.mark.parametrize("killed_write", ["save_nifti_atomic", "write_json_atomic"])
+def test_redo_killed_between_mask_and_sidecar_is_redone(tmp_path, monkeypatch, killed_write):
+    """A run killed between the mask's and the sidecar's write (either one) after an index change:
+    the next run must redo that image, not take the old mask for up to date."""
+    bids = make_bids(tmp_path / "ds")
+    assert _run(bids).exit_code == 0
+    real = getattr(register, killed_write)
+
+    def kill_on_first_output(obj, path):
+        if Path(path).parent.name == "anat":   # outputs only, not dataset_description.json
+            raise _Killed()
+        return real(obj, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(register, killed_write, kill_on_first_output)
+        with pytest.raises(_Killed):
+            register_dataset(bids, indices=(2, 92))
+    batch = register_dataset(bids, indices=(2, 92))
+    assert batch.summary(["written", "up to date", "failed"]) == "register-ct: 3 written, 0 up to date, 0 failed"
+    out = bids / "derivatives/reg-labels/sub-01/anat/sub-01_T1w_seg.json"
+    assert json.loads(out.read_text())["SacrumIndices"] == [2, 92]
+
+
+def test_restored_label_with_an_old_mtime_is_redone(tmp_path):
+    """`cp -p` of another label over the input: older mtime than the output, different bytes."""
+    bids = make_bids(tmp_path / "ds")
+    assert _run(bids).exit_code == 0
+    label = bids / "derivatives/labels/sub-02/anat/sub-02_T2w_seg.nii.gz"
+    out = bids / "derivatives/reg-labels/sub-02/anat/sub-02_T2w_seg.nii.gz"
+    old = label.stat().st_mtime_ns
+    img = nib.load(str(label))
+    data = np.asanyarray(img.dataobj).copy()
+    data[data == 1] = 0                      # a smaller sacrum: 2 -> 1, the rest -> background
+    data[data == 2] = 1
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(label))
+    os.utime(label, ns=(old, old))
+    assert label.stat().st_mtime_ns < out.stat().st_mtime_ns
+    r = _run(bids)
+    assert r.output.splitlines()[-1] == "register-ct: 1 written, 2 up to date, 0 failed"
+    assert "written  ds/sub-02/anat/sub-02_T2w.nii.gz" in r.output
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(out)).dataobj), data == 1)
+    meta = json.loads(out.with_name("sub-02_T2w_seg.json").read_text())
+    assert meta["SourcesSHA256"] == {str(bids.resolve() / "sub-02/anat/sub-02_T2w.nii.gz"):
+                                     hashlib.sha256((bids / "sub-02/anat/sub-02_T2w.nii.gz").read_bytes()).hexdigest(),
+                                     str(label.resolve()): hashlib.sha256(label.read_bytes()).hexdigest()}
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{broken", "null"])
+def test_output_sidecar_not_an_object_is_redone_not_a_crash(tmp_path, text):
+    bids = make_bids(tmp_path / "ds")
+    assert _run(bids).exit_code == 0
+    side = bids / "derivatives/reg-labels/sub-02/anat/sub-02_T2w_seg.json"
+    side.write_text(text)
+    r = _run(bids)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == "register-ct: 1 written, 2 up to date, 0 failed"
+    assert json.loads(side.read_text())["SacrumIndices"] == [1]
+
+
+def test_label_sidecar_not_an_object_is_one_line(tmp_path):
+    bids = make_bids(tmp_path / "ds")
+    side = bids / "derivatives/labels/sub-02/anat/sub-02_T2w_seg.json"
+    side.write_text("[1]")
+    r = _run(bids)
+    assert r.exit_code == 1
+    assert r.output.splitlines()[-1] == "register-ct: 2 written, 0 up to date, 1 failed"
+    assert f"{side}: not a JSON object" in r.output
 
 
 def test_totalseg_v2_and_option_conflict(tmp_path):

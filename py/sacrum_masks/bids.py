@@ -162,6 +162,66 @@ def derivative_path(bids_dir: str | Path, image: str | Path, pipeline: str, *suf
     return root / "derivatives" / pipeline / rel / (name.stem + ".nii.gz")
 
 
+def suffix_parts(suffix: str, option: str = "--suffix") -> tuple[str, ...]:
+    """The parts of a name suffix given on the command line: ``"_label-sacrum_seg"`` -> ``("label-sacrum", "seg")``.
+
+    Leading and trailing underscores are ignored; an empty suffix or an empty part (``"_a__b"``) is an
+    :class:`InputError` naming ``option``.
+
+    >>> suffix_parts("_label-sacrum_seg")
+    ('label-sacrum', 'seg')
+    >>> suffix_parts("seg", "--seg-suffix")
+    ('seg',)
+    >>> suffix_parts("_a__b", "--seg-suffix")
+    Traceback (most recent call last):
+    ...
+    sacrum_masks.errors.InputError: --seg-suffix: '_a__b' is not a BIDS suffix like _seg or _label-sacrum_seg
+    """
+    parts = tuple(suffix.strip("_").split("_"))
+    if any(p == "" for p in parts):
+        raise InputError(option, f"{suffix!r} is not a BIDS suffix like _seg or _label-sacrum_seg")
+    return parts
+
+
+def sidecar_path(nifti_path: str | Path) -> Path:
+    """The JSON sidecar of a NIfTI file: same folder, same stem, ``.json``.
+
+    >>> sidecar_path("/d/sub-01_T2w_seg.nii.gz").as_posix(), sidecar_path("sub-01.x_T2w.nii").as_posix()
+    ('/d/sub-01_T2w_seg.json', 'sub-01.x_T2w.json')
+    """
+    path = Path(nifti_path)
+    stem, ext = split_extension(path.name)
+    if not ext:
+        raise ValueError(f"{path}: not a NIfTI file name (.nii or .nii.gz)")
+    return path.with_name(stem + ".json")
+
+
+#: ``dataset_description.json`` of ``derivatives/labels`` (CT labels of ct-labels and masks of predict share it)
+LABELS_DESCRIPTION = ("Sacrum labels", "CT labels (sacrum-masks ct-labels: TotalSegmentator) and MRI sacrum masks "
+                      "(sacrum-masks predict: nnU-Net v2, largest 26-connected component)")
+BIDS_VERSION = "1.9.0"
+
+
+def ensure_dataset_description(folder: str | Path, *, name: str, description: str | None = None) -> Path:
+    """Create ``<folder>/dataset_description.json`` (a BIDS derivative) when absent; never overwrite it.
+
+    Content: ``Name``, ``BIDSVersion``, ``DatasetType: "derivative"`` and
+    ``GeneratedBy: [{"Name": "sacrum-masks", "Version": ..., "Description": description}]``; written
+    atomically (a concurrent or killed writer never leaves a half file). Returns the file's path.
+    """
+    from . import __version__
+    from .nifti import write_json_atomic  # here: parsing names must not need nibabel
+
+    path = Path(folder) / "dataset_description.json"
+    if not path.exists():
+        generated = {"Name": "sacrum-masks", "Version": __version__}
+        if description:
+            generated["Description"] = description
+        write_json_atomic({"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+                           "GeneratedBy": [generated]}, path)
+    return path
+
+
 def normalize_participant(label: str) -> str:
     """Participant label with or without ``sub-``.
 

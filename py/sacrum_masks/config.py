@@ -383,6 +383,17 @@ def read_json_object(path: str | Path) -> dict:
     return raw
 
 
+def read_json_object_or_none(path: str | Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file is missing, unreadable, not JSON or not an object.
+
+    For files a stage wrote itself (sidecars, records): anything but an object means "redo", never a crash.
+    """
+    try:
+        return read_json_object(path)
+    except InputError:
+        return None
+
+
 def load_config(path: str | Path, datasets_path: str | Path | None = None, *, check_exists: bool = True,
                 env=None) -> dict:
     """Load a split config with DATASETS_PATH resolved and every entry checked.

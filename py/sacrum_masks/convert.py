@@ -22,7 +22,6 @@ conversion never leaves half a dataset where nnU-Net would find it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -35,7 +34,7 @@ import numpy as np
 from . import RPI_AXCODES, __version__
 from .batch import Batch, folder_lock
 from .bids import BidsName
-from .config import SPLIT_KEYS, entry_path, image_from_label, load_config, relative_entry
+from .config import SPLIT_KEYS, entry_path, image_from_label, load_config, read_json_object_or_none, relative_entry
 from .errors import InputError
 from .nifti import load_image, mask_like, save_nifti_atomic, sha256_file, to_rpi, write_json_atomic
 
@@ -189,9 +188,8 @@ def _is_up_to_date(target: Path, fingerprint: list[dict]) -> tuple[bool, str]:
     record_path = target / "conversion.json"
     if not record_path.is_file():
         return False, "was not made by sacrum-masks convert (no conversion.json)"
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    record = read_json_object_or_none(record_path)
+    if record is None:
         return False, "has an unreadable conversion.json"
     if record.get("Inputs") != fingerprint:
         old = {(d.get("split"), d.get("image"), d.get("label"), d.get("image_sha256"), d.get("label_sha256"))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import importlib.metadata
-import json
 import os
 import shlex
 import sys
@@ -36,9 +35,11 @@ import numpy as np
 
 from . import __version__
 from .batch import Batch, folder_lock
-from .bids import BidsName, derivative_path, find_images
+from .bids import LABELS_DESCRIPTION, BidsName, derivative_path, ensure_dataset_description, find_images, sidecar_path
+from .config import read_json_object_or_none
 from .errors import InputError
-from .nifti import load_image, same_grid, save_nifti_atomic, sha256_file, write_json_atomic
+from .nifti import (load_image, mask_like, remove_stale_temporaries, same_grid, save_nifti_atomic, sha256_file,
+                    write_json_atomic)
 
 LABEL_ORDER = "totalsegmentator-v2"
 #: TotalSegmentator v2 class map (``totalsegmentator.map_to_binary.class_map["total"]``, checked on 2.18.0)
@@ -168,13 +169,7 @@ def label_on_grid(seg, ct) -> tuple[nib.Nifti1Image, list[int]]:
     present = sorted(values & set(V2_CLASSES))
     if not present:
         raise ValueError("TotalSegmentator found no sacrum (25) or vertebrae_S1 (26) in this CT")
-    out = nib.Nifti1Image(data.astype(np.uint8), ct.affine)
-    hdr = ct.header if isinstance(ct, nib.Nifti1Image) else None
-    out.set_qform(ct.affine, code=int(hdr["qform_code"]) if hdr is not None and hdr["qform_code"] else 1)
-    out.set_sform(ct.affine, code=int(hdr["sform_code"]) if hdr is not None and hdr["sform_code"] else 1)
-    out.header.set_xyzt_units("mm", "sec")
-    out.set_data_dtype(np.uint8)
-    return out, present
+    return mask_like(data, ct, binary=False), present
 
 
 def label_sidecar(rel_image: str, sha256: str, present: list[int], *, version: str, fast: bool,
@@ -197,19 +192,30 @@ def label_sidecar(rel_image: str, sha256: str, present: list[int], *, version: s
 
 def label_state(label: Path, image: Path) -> str:
     """``"absent"``, ``"foreign"`` (a label this stage did not write: never touched), ``"current"``
-    (ours, CT checksum unchanged) or ``"stale"`` (ours, the CT changed since)."""
-    if not label.exists():
-        return "absent"
-    sidecar = label.with_name(label.name[: -len(".nii.gz")] + ".json")
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "foreign"
-    gen = data.get("GeneratedBy") if isinstance(data, dict) else None
+    (ours, CT checksum unchanged) or ``"stale"`` (ours, the CT changed since).
+
+    A sidecar of ours without its label (a run killed between the two writes: the sidecar is written
+    first) is ``"absent"``; a foreign sidecar without a label is ``"foreign"`` (never overwritten).
+    Reading the CT may raise InputError (one line for the batch).
+    """
+    data = read_json_object_or_none(sidecar_path(label))
+    gen = data.get("GeneratedBy") if data is not None else None
     names = [g.get("Name") for g in gen if isinstance(g, dict)] if isinstance(gen, list) else []
-    if "sacrum-masks ct-labels" not in names:
+    ours = "sacrum-masks ct-labels" in names
+    if not label.exists():
+        return "foreign" if data is not None and not ours else "absent"
+    if not ours:
         return "foreign"
-    return "current" if sha256_file(image) in (data.get("SourcesSHA256") or {}).values() else "stale"
+    sums = data.get("SourcesSHA256")
+    return "current" if isinstance(sums, dict) and ct_sha256(image) in sums.values() else "stale"
+
+
+def ct_sha256(image: Path) -> str:
+    """SHA-256 of a CT file; InputError (one line) when it cannot be read."""
+    try:
+        return sha256_file(image)
+    except OSError as exc:
+        raise InputError(image, f"cannot read ({exc.strerror or exc})") from None
 
 
 # --------------------------------------------------------------------------- driver
@@ -229,7 +235,11 @@ def run_ct_labels(bids_dir, *, device: str = "gpu", fast: bool = False, force: b
     images = find_ct_images(bids_dir)
     todo = []
     for image in images:
-        state = label_state(ct_label_path(bids_dir, image), image)
+        try:
+            state = label_state(ct_label_path(bids_dir, image), image)
+        except InputError as exc:
+            batch.report(image.relative_to(bids_dir).as_posix(), "failed", exc.reason)
+            continue
         if state == "foreign" or (state == "current" and not force):
             batch.report(image.relative_to(bids_dir).as_posix(), "kept")
             continue
@@ -240,18 +250,18 @@ def run_ct_labels(bids_dir, *, device: str = "gpu", fast: bool = False, force: b
     check_weights(fast)
     deriv = bids_dir / "derivatives" / "labels"
     with folder_lock(deriv, name=".sacrum-masks-ct-labels.lock"):
-        if not (deriv / "dataset_description.json").is_file():
-            write_json_atomic({"Name": "labels", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-                               "GeneratedBy": [{"Name": "sacrum-masks", "Version": __version__}]},
-                              deriv / "dataset_description.json")
+        ensure_dataset_description(deriv, name=LABELS_DESCRIPTION[0], description=LABELS_DESCRIPTION[1])
         for image in todo:
             rel = image.relative_to(bids_dir).as_posix()
+            out = ct_label_path(bids_dir, image)
+            side = sidecar_path(out)
+            remove_stale_temporaries(out, side)  # left by a killed run; we hold the lock
             try:
                 ct, _ = load_image(image)
+                sha = ct_sha256(image)
             except InputError as exc:
                 batch.report(rel, "failed", exc.reason)
                 continue
-            sha = sha256_file(image)
             saved = {k: os.environ.get(k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
             try:
                 seg = run_totalseg(str(image), None, ml=True, task=TASK, roi_subset=list(ROI_SUBSET),
@@ -266,16 +276,19 @@ def run_ct_labels(bids_dir, *, device: str = "gpu", fast: bool = False, force: b
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-            out = ct_label_path(bids_dir, image)
-            side = out.with_name(out.name[: -len(".nii.gz")] + ".json")
+            # Sidecar first, label last: a run killed in between leaves a sidecar without label, which
+            # label_state calls "absent" (redone). Our old label (stale, or --force) goes first, so
+            # that the new sidecar never stands beside it.
+            out.unlink(missing_ok=True)
+            write_json_atomic(label_sidecar(rel, sha, present, version=version, fast=fast, device=device,
+                                            command_line=command_line), side)
             save_nifti_atomic(label, out)
             written = np.asanyarray(nib.load(str(out)).dataobj)
             if sorted(set(np.unique(written).tolist()) & set(V2_CLASSES)) != present:  # verify what we claim
                 out.unlink()
+                side.unlink(missing_ok=True)
                 batch.report(rel, "failed", f"written label lost indices {present}")
                 continue
-            write_json_atomic(label_sidecar(rel, sha, present, version=version, fast=fast, device=device,
-                                            command_line=command_line), side)
             batch.report(rel, "written", f"indices {present}")
     return batch
 

@@ -108,11 +108,13 @@ def check_file(path: str | Path) -> Path:
     return path
 
 
-def mask_like(data: np.ndarray, reference) -> nib.Nifti1Image:
-    """A binary uint8 mask with ``data != 0`` on the exact grid of ``reference``.
+def mask_like(data: np.ndarray, reference, *, binary: bool = True) -> nib.Nifti1Image:
+    """A uint8 mask (or label) on the exact grid of ``reference``.
 
-    The new header has the reference's affine as both qform and sform (codes kept from the
-    reference where set, else 1 = scanner), voxel sizes from the affine and no scaling.
+    With ``binary`` (the default) the voxels are ``data != 0`` (0 or 1); without it the label values
+    are kept, and must be integers in 0..255 (else ValueError). The new header has the reference's
+    affine as both qform and sform (codes kept from the reference where set, else 1 = scanner),
+    voxel sizes from the affine and no scaling.
 
     >>> ref = nib.Nifti1Image(np.zeros((2, 3, 4), np.float32), np.diag([2., 2., 3., 1.]))
     >>> m = mask_like(np.ones((2, 3, 4)), ref)
@@ -122,7 +124,14 @@ def mask_like(data: np.ndarray, reference) -> nib.Nifti1Image:
     if tuple(data.shape) != tuple(reference.shape[:3]):
         raise ValueError(f"mask shape {data.shape} differs from reference shape {reference.shape}")
     affine = reference.affine
-    out = nib.Nifti1Image((np.asarray(data) != 0).astype(np.uint8), affine)
+    data = np.asarray(data)
+    if binary:
+        voxels = (data != 0).astype(np.uint8)
+    else:
+        voxels = data.astype(np.uint8)
+        if not np.array_equal(voxels, data):
+            raise ValueError("label values are not integers in 0..255 (they do not fit uint8)")
+    out = nib.Nifti1Image(voxels, affine)
     qcode = int(reference.header["qform_code"]) if isinstance(reference, nib.Nifti1Image) else 0
     scode = int(reference.header["sform_code"]) if isinstance(reference, nib.Nifti1Image) else 0
     out.set_qform(affine, code=qcode or 1)

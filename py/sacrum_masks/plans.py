@@ -15,11 +15,11 @@ atomic, idempotent) and the click command ``sacrum-masks add-plans``.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import click
 
+from .config import read_json_object
 from .errors import InputError
 from .nifti import write_json_atomic
 
@@ -105,10 +105,7 @@ def add_small_plans(plans_json_path: str | Path, name: str = DEFAULT_NAME, featu
     path = Path(plans_json_path)
     if not path.is_file():
         raise InputError(path, "no such plans file (run nnUNetv2_plan_and_preprocess first)")
-    try:
-        plans = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"cannot read plans JSON ({exc})") from None
+    plans = read_json_object(path)  # unreadable, not JSON, not an object: one line
     try:
         new = with_small_configuration(plans, name, parent, features)
     except KeyError as exc:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import json
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -37,7 +36,9 @@ import numpy as np
 
 from . import __version__
 from .batch import Batch, folder_lock
-from .bids import NIFTI_EXTENSIONS, BidsName, iter_anat_files, split_extension
+from .bids import (NIFTI_EXTENSIONS, BidsName, ensure_dataset_description, iter_anat_files, sidecar_path,
+                   split_extension, suffix_parts)
+from .config import read_json_object_or_none
 from .errors import InputError
 from .nifti import atomic_path, load_image, same_grid, to_rpi, voxel_volume_ml, write_json_atomic, write_text_atomic
 
@@ -59,18 +60,6 @@ FLAG_TEXT = {
 
 
 # --------------------------------------------------------------------------- pure functions
-
-
-def suffix_parts(suffix: str) -> tuple[str, ...]:
-    """``"_label-sacrum_seg"`` -> ``("label-sacrum", "seg")``.
-
-    >>> suffix_parts("_label-sacrum_seg")
-    ('label-sacrum', 'seg')
-    """
-    parts = tuple(suffix.strip("_").split("_"))
-    if not parts or any(p == "" for p in parts):
-        raise InputError("--suffix", f"{suffix!r} is not a BIDS suffix like _label-sacrum_seg")
-    return parts
 
 
 def mask_measures(mask: np.ndarray, voxel_ml: float) -> dict:
@@ -239,16 +228,11 @@ def image_for_mask(mask: Path, deriv_dir: Path, dataset: Path, suffix: str = DEF
 
 def read_sidecar(mask: Path) -> tuple[dict | None, str | None]:
     """(sidecar dict, problem flag) for ``<mask stem>.json``: flag ``no_sidecar`` or ``bad_sidecar``."""
-    side = mask.parent / (split_extension(mask.name)[0] + ".json")
+    side = sidecar_path(mask)
     if not side.is_file():
         return None, "no_sidecar"
-    try:
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None, "bad_sidecar"
-    if not isinstance(data, dict):
-        return None, "bad_sidecar"
-    return data, None
+    data = read_json_object_or_none(side)
+    return (data, None) if data is not None else (None, "bad_sidecar")
 
 
 def qc_one(mask_path: Path, image_path: Path, png_path: Path, *, force: bool = False) -> tuple[dict, bool]:
@@ -379,10 +363,8 @@ def run_qc(deriv_dir, out_dir=None, *, suffix: str = DEFAULT_SUFFIX, force: bool
            "Date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     entries: list[QcEntry] = []
     with folder_lock(out_dir, name=".sacrum-masks-qc.lock"):
-        if not (out_dir / "dataset_description.json").is_file():
-            write_json_atomic({"Name": "sacrum mask QC", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-                               "GeneratedBy": [{"Name": "sacrum-masks qc", "Version": __version__}]},
-                              out_dir / "dataset_description.json")
+        ensure_dataset_description(out_dir, name="Sacrum mask QC",
+                                   description="qc: PNG views and volume checks of sacrum masks")
         for mask in masks:
             # the folder resolved, not the file: a mask that is a link loop is reported by qc_one
             rel_mask = (mask.parent.resolve() / mask.name).relative_to(dataset).as_posix()

@@ -26,7 +26,6 @@ destination index lies in ``[-0.5, n - 0.5)`` on every axis.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 import subprocess
 import tempfile
@@ -39,10 +38,11 @@ from scipy import ndimage
 
 from . import __version__
 from .batch import Batch, folder_lock
-from .bids import BidsName, find_images
+from .bids import BidsName, ensure_dataset_description, find_images, sidecar_path, suffix_parts
+from .config import read_json_object, read_json_object_or_none
 from .errors import InputError, LockBusy
 from .nifti import (check_file, load_image, mask_like, remove_stale_temporaries, same_grid, save_nifti_atomic,
-                    voxel_volume_ml, write_json_atomic)
+                    sha256_file, voxel_volume_ml, write_json_atomic)
 
 #: TotalSegmentator label order -> sacrum indices (v2 splits S1 off the sacrum: both are needed).
 TOTALSEG_INDICES = {"v1": (92,), "v2": (25, 26)}
@@ -308,16 +308,22 @@ def register_label(label_img, label_data: np.ndarray, image_img, indices, *, nam
     return Registered(mask_like(dst, image_img), before, after, frac, warnings, on_grid)
 
 
+def sct_executable() -> str:
+    """Path of ``sct_register_multimodal``; InputError (about ``--backend sct``) when it is not on PATH."""
+    exe = shutil.which(SCT_COMMAND)
+    if exe is None:
+        raise InputError("--backend sct", f"{SCT_COMMAND} not found on PATH (install Spinal Cord Toolbox, "
+                                          f"or use --backend native, which computes the same)")
+    return exe
+
+
 def run_sct(label_path: Path, image_path: Path, workdir: Path) -> np.ndarray:
     """Resample a label onto an image with SCT, as the original did; returns the resampled voxels.
 
     Runs ``sct_register_multimodal -i <label> -d <image> -identity 1 -x nn -o <out> -ofolder <workdir>``
     in ``workdir`` (its warping fields stay there).
     """
-    exe = shutil.which(SCT_COMMAND)
-    if exe is None:
-        raise InputError("--backend sct", f"{SCT_COMMAND} not found on PATH (install Spinal Cord Toolbox, "
-                                          f"or use --backend native, which computes the same)")
+    exe = sct_executable()
     out = workdir / "label_reg.nii.gz"
     cmd = [exe, "-i", str(label_path), "-d", str(image_path), "-identity", "1", "-x", "nn",
            "-o", str(out), "-ofolder", str(workdir)]
@@ -331,13 +337,6 @@ def run_sct(label_path: Path, image_path: Path, workdir: Path) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------
-
-def _suffix_parts(seg_suffix: str) -> tuple[str, ...]:
-    parts = tuple(seg_suffix.lstrip("_").split("_"))
-    if not seg_suffix.lstrip("_") or any(p == "" for p in parts):
-        raise InputError("--seg-suffix", f"{seg_suffix!r} is not a BIDS suffix like _seg or _label-sacrum_seg")
-    return parts
-
 
 def _existing(path_no_ext: Path) -> Path | None:
     for ext in (".nii.gz", ".nii"):
@@ -355,7 +354,7 @@ def find_label(bids_dir: Path, image: Path, path_label: Path, seg_suffix: str = 
        (``sub-01_acq-x_T2w`` -> ``sub-01_acq-x_CT<seg_suffix>``).
     """
     rel = image.parent.relative_to(bids_dir)
-    parts = _suffix_parts(seg_suffix)
+    parts = suffix_parts(seg_suffix, "--seg-suffix")
     name = BidsName.parse(image)
     candidates = [path_label / rel / name.add_suffix(*parts).stem,
                   path_label / rel / name.with_contrast("CT").add_suffix(*parts).stem]
@@ -366,24 +365,18 @@ def find_label(bids_dir: Path, image: Path, path_label: Path, seg_suffix: str = 
     return None, [c.with_name(c.name + ".nii.gz") for c in candidates]
 
 
-def label_sidecar(label: Path) -> Path:
-    """``<label stem>.json`` next to a label."""
-    name = label.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-    return label.with_name(stem + ".json")
-
-
 def resolve_indices(label: Path, option: tuple[int, ...] | None) -> tuple[tuple[int, ...], str]:
-    """Sacrum indices and where they came from: the option, else the label's sidecar, else 92."""
+    """Sacrum indices and where they came from: the option, else the label's sidecar, else 92.
+
+    A label sidecar that is there but unreadable, not JSON or not a JSON object is an InputError
+    (silently falling back to 92 could pick the wrong structure).
+    """
     if option:
         return tuple(int(i) for i in option), "option"
-    side = label_sidecar(label)
+    side = sidecar_path(label)
     if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(side, f"unreadable JSON sidecar ({exc})") from None
-        if isinstance(meta, dict) and "SacrumIndices" in meta:
+        meta = read_json_object(side)
+        if "SacrumIndices" in meta:
             vals = meta["SacrumIndices"]
             if not isinstance(vals, list) or not vals or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
                 raise InputError(side, f"SacrumIndices must be a non-empty list of integers, not {vals!r}")
@@ -391,17 +384,40 @@ def resolve_indices(label: Path, option: tuple[int, ...] | None) -> tuple[tuple[
     return DEFAULT_INDICES, "default"
 
 
-def _up_to_date(out: Path, sidecar: Path, image: Path, label: Path, indices) -> bool:
+def input_checksums(image: Path, label: Path) -> dict[str, str]:
+    """``{image path: sha256, label path: sha256}`` as stored in the sidecar (``SourcesSHA256``).
+
+    An input that cannot be read is an InputError (one line for the batch).
+    """
+    sums = {}
+    for path in (image, label):
+        try:
+            sums[str(path)] = sha256_file(path)
+        except OSError as exc:
+            raise InputError(path, f"cannot read ({exc.strerror or exc})") from None
+    return sums
+
+
+def _up_to_date(out: Path, sidecar: Path, image: Path, label: Path, indices, checksums=None) -> bool:
+    """True when ``out`` and its sidecar are a complete result for these inputs and indices.
+
+    The sidecar is written last (it marks the pair as complete); it must name the same label and
+    indices and hold the inputs' current SHA-256 (a label restored with an old mtime is caught);
+    the mask must also be newer than both inputs (touching an input redoes it). ``checksums`` (from
+    :func:`input_checksums`) are computed when not given.
+    """
     if not (out.is_file() and sidecar.is_file()):
         return False
     t = out.stat().st_mtime_ns
     if t <= image.stat().st_mtime_ns or t <= label.stat().st_mtime_ns:
         return False
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
+    meta = read_json_object_or_none(sidecar)
+    if meta is None or meta.get("SacrumIndices") != list(indices):
         return False
-    return meta.get("SacrumIndices") == list(indices) and meta.get("Sources", [None, None])[1:2] == [str(label)]
+    sources = meta.get("Sources")
+    if not (isinstance(sources, list) and sources[1:2] == [str(label)]):
+        return False
+    return meta.get("SourcesSHA256") == (checksums or input_checksums(image, label))
 
 
 def _generated_by() -> list[dict]:
@@ -409,17 +425,16 @@ def _generated_by() -> list[dict]:
              "Date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}]
 
 
-def ensure_dataset_description(path_out: Path) -> None:
-    """Write ``<path_out>/dataset_description.json`` (a BIDS derivative) when absent."""
-    desc = path_out / "dataset_description.json"
-    if not desc.exists():
-        write_json_atomic({"Name": "sacrum masks on MRI grids (register-ct)", "BIDSVersion": "1.9.0",
-                           "DatasetType": "derivative", "GeneratedBy": _generated_by()}, desc)
-
-
 def register_image(bids_dir: Path, image: Path, label: Path, out: Path, indices, indices_from: str,
-                   backend: str = "native") -> Registered:
-    """Load, register, and write one image's mask and sidecar (atomically). Returns the result."""
+                   backend: str = "native", checksums: dict[str, str] | None = None) -> Registered:
+    """Load, register, and write one image's mask and sidecar (atomically). Returns the result.
+
+    ``checksums``: the inputs' :func:`input_checksums` when already computed (else computed here).
+    The mask is written first and the sidecar last: the sidecar marks the pair as complete, so a run
+    killed in between leaves a sidecar that no longer matches (old indices or checksums) and the
+    next run redoes the image.
+    """
+    checksums = checksums or input_checksums(image, label)
     image_img, _ = load_image(image)
     label_img, label_data = load_image(label)
     resampled = None
@@ -429,9 +444,10 @@ def register_image(bids_dir: Path, image: Path, label: Path, out: Path, indices,
         with tempfile.TemporaryDirectory(prefix=".sct-", dir=out.parent) as tmp:
             resampled = run_sct(label, image, Path(tmp))
     res = register_label(label_img, label_data, image_img, indices, name=str(label), resampled=resampled)
-    side = out.with_name(out.name[: -len(".nii.gz")] + ".json")
+    side = sidecar_path(out)
     meta = {
         "Sources": [str(image), str(label)],
+        "SourcesSHA256": checksums,
         "SacrumIndices": list(indices),
         "IndicesFrom": indices_from,
         "Backend": backend,
@@ -442,9 +458,9 @@ def register_image(bids_dir: Path, image: Path, label: Path, out: Path, indices,
         "Warnings": res.warnings,
         "GeneratedBy": _generated_by(),
     }
-    # sidecar first, mask last: the mask's mtime marks the pair as complete for the up-to-date check
-    write_json_atomic(meta, side)
+    # mask first, sidecar last: the sidecar (indices, checksums) marks the pair as complete
     save_nifti_atomic(res.mask, out)
+    write_json_atomic(meta, side)
     return res
 
 
@@ -474,17 +490,18 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
         raise InputError("--path-out", f"{path_out} is the labels folder; outputs would overwrite inputs")
     if path_out == bids_dir:
         raise InputError("--path-out", f"{path_out} is the raw dataset; use a derivatives folder")
-    _suffix_parts(seg_suffix)
-    if backend == "sct" and shutil.which(SCT_COMMAND) is None:
-        raise InputError("--backend sct", f"{SCT_COMMAND} not found on PATH (install Spinal Cord Toolbox, "
-                                          f"or use --backend native, which computes the same)")
+    suffix_parts(seg_suffix, "--seg-suffix")
+    if backend == "sct":
+        sct_executable()  # before any work: missing SCT is one line
     images = find_images(bids_dir)
     batch = batch or Batch("register-ct")
     if not images:
         raise InputError(bids_dir, "no MRI image in sub-*/[ses-*/]anat/")
     try:
         with folder_lock(path_out):
-            ensure_dataset_description(path_out)
+            ensure_dataset_description(path_out, name="Sacrum masks on MRI grids",
+                                       description="register-ct: sacrum labels (CT or MRI) carried onto each "
+                                                   "MRI image's grid (identity in world space, nearest neighbour)")
             for image in images:
                 item = f"{bids_dir.name}/{image.relative_to(bids_dir)}"
                 try:
@@ -501,14 +518,15 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
                 if out.resolve() in (label.resolve(), image.resolve()):
                     batch.report(item, "failed", f"output {out} would overwrite its input")
                     continue
-                side = out.with_name(out.name[: -len(".nii.gz")] + ".json")
+                side = sidecar_path(out)
                 remove_stale_temporaries(out, side)  # left by a killed run; we hold the lock
                 try:
                     idx, src = resolve_indices(label, indices)
-                    if not force and _up_to_date(out, side, image, label, idx):
+                    sums = input_checksums(image, label)
+                    if not force and _up_to_date(out, side, image, label, idx, sums):
                         batch.report(item, "up to date")
                         continue
-                    res = register_image(bids_dir, image, label, out, idx, src, backend)
+                    res = register_image(bids_dir, image, label, out, idx, src, backend, sums)
                 except InputError as exc:
                     batch.report(item, "failed", str(exc))
                     continue
