@@ -21,13 +21,17 @@ Options (environment variable, default):
                          ${default_config}; used when no --bids is given)
   --datasets-path DIR    override the config's DATASETS_PATH (DATASETS_PATH)
   --bids DIR             every MRI image of a BIDS dataset (repeatable)
-  --model DIR            nnU-Net model folder (SACRUM_MODEL,
-                         \$nnUNet_results/Dataset300_SacrumDataset/nnUNetTrainer__nnUNetPlans__3d_fullres)
+  --model DIR            nnU-Net model folder (SACRUM_MODEL, the one \`make train\` writes:
+                         \$nnUNet_results/Dataset<DNUM>_<DNAME>/<TRAINER>__nnUNetPlans__<CONFIGURATION>
+                         from DNUM (300), DNAME (SacrumDataset), TRAINER (nnUNetTrainer) and
+                         CONFIGURATION (3d_fullres); now ${default_model})
   --model-zip PATH|URL   installs the model when it is missing (MODEL_ZIP, the original release:
                          ${default_zip})
   --fold N               fold 0-4 or all (FOLD, 0)
   --checkpoint NAME      best or final (CHECKPOINT, best)
-  --gpu ID|cpu           CUDA device id or cpu (GPU, 0)
+  --gpu ID|cpu           CUDA device id or cpu (GPU, 0); when CUDA_VISIBLE_DEVICES is already
+                         set (a SLURM allocation) it is kept and ID is an index into it
+                         (0 = the first allocated GPU)
   --tile-step X          sliding-window step, fraction of the patch (TILE_STEP, 0.5)
   --mirroring            test-time mirroring, slower (MIRRORING=1; default off)
   --shard I/N            only shard I of N of the sorted image list (SHARD, 1/1)
@@ -52,7 +56,8 @@ main() {
 
   local default_config="${root}/resources/configs/test_sacrum.json"
   local default_zip="https://github.com/neuropoly/totalspineseg/releases/download/sacrum-seg/Dataset300_SacrumDataset.zip"
-  local default_model="${nnUNet_results}/Dataset300_SacrumDataset/nnUNetTrainer__nnUNetPlans__3d_fullres"
+  # the model `make train` wrote for the same DNUM / DNAME / TRAINER / CONFIGURATION
+  local default_model="${nnUNet_results}/Dataset${DNUM:-300}_${DNAME:-SacrumDataset}/${TRAINER:-nnUNetTrainer}__nnUNetPlans__${CONFIGURATION:-3d_fullres}"
   local config="${SACRUM_CONFIG:-}" datasets_path="${DATASETS_PATH:-}"
   local model="${SACRUM_MODEL:-${default_model}}" model_zip="${MODEL_ZIP:-${default_zip}}"
   local fold="${FOLD:-0}" checkpoint="${CHECKPOINT:-best}" gpu="${GPU:-0}"
@@ -100,8 +105,10 @@ main() {
     *) err "--checkpoint ${checkpoint}: expected best or final"; return 2 ;;
   esac
 
+  # torch device: cpu; cuda when CUDA_VISIBLE_DEVICES is unset (then set to GPU here); cuda:<GPU>
+  # when it is already set (a SLURM allocation, kept as it is: GPU indexes it)
   local device
-  device="$(sacrum-masks check-device "${gpu}")" || return 2
+  device="$(sacrum-masks check-device --torch-device "${gpu}")" || return 2
   if [[ "${device}" == "cuda" ]]; then
     export CUDA_VISIBLE_DEVICES="${gpu}"
   fi
@@ -121,7 +128,8 @@ main() {
   (( wait )) && args+=(--wait)
 
   echo "generate_sacrum: model ${model} fold ${fold} checkpoint ${checkpoint} device ${device}"
-  sacrum-masks predict "${args[@]}"
+  # exec: signals (SIGTERM from cron, SLURM or a user) reach the predict process itself; nothing runs after
+  exec sacrum-masks predict "${args[@]}"
 }
 
 main "$@"

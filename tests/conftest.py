@@ -38,8 +38,11 @@ def real_dir() -> Path:
 def demo_env(data: Path) -> dict[str, str]:
     """Environment for running bin/ scripts against SACRUM_DATA=data (nnU-Net folders below it)."""
     env = dict(os.environ)
+    # make exports its variables (DNUM, GPU, TRAINER, ...) to `make test`: scripts must see their defaults
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "TOTALSPINESEG_DATA",
-                "SACRUM_CONFIG", "SACRUM_MODEL", "MODEL_ZIP", "DATASETS_PATH"):
+                "SACRUM_CONFIG", "SACRUM_MODEL", "MODEL_ZIP", "DATASETS_PATH", "DNUM", "DNAME", "GPU", "FOLD",
+                "TRAINER", "CONFIGURATION", "CONFIG", "FORCE", "SKIP_INVALID", "CHECKPOINT", "SHARD", "WAIT",
+                "TILE_STEP", "MIRRORING", "CUDA_VISIBLE_DEVICES"):
         env.pop(var, None)
     env["SACRUM_DATA"] = str(data)
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{Path(sys.executable).parent}:{env.get('PATH', '')}"

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import doctest
+import importlib
+import pkgutil
 import gzip
+import json
 import multiprocessing as mp
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+import sacrum_masks
 from sacrum_masks import batch, bids, errors, nifti
 from sacrum_masks.bids import BidsName
 from sacrum_masks.errors import InputError, LockBusy
@@ -21,6 +26,16 @@ def test_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+PACKAGE_MODULES = sorted(m.name for m in pkgutil.iter_modules(sacrum_masks.__path__) if not m.ispkg)
+
+
+@pytest.mark.parametrize("name", PACKAGE_MODULES)
+def test_doctests_of_every_module(name):
+    """Every docstring example of the package runs (the examples are the documentation)."""
+    module = importlib.import_module(f"sacrum_masks.{name}")
+    assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
 
 def test_bids_ct_name_keeps_other_entities():
@@ -170,3 +185,55 @@ def test_lock_dies_with_killed_holder(tmp_path):
     p.join(10)
     with batch.folder_lock(tmp_path):
         pass
+
+
+def test_mask_like_keeps_label_values_when_not_binary():
+    aff = np.diag([1.5, 1.5, 2.0, 1.0])
+    ref = nib.Nifti1Image(np.zeros((2, 3, 4), np.int16), aff)
+    ref.set_sform(aff, code=2)
+    data = np.zeros((2, 3, 4), np.float32)
+    data[0, 0, 0], data[1, 2, 3] = 25, 26
+    m = nifti.mask_like(data, ref, binary=False)
+    assert m.get_data_dtype() == np.uint8 and int(m.header["sform_code"]) == 2
+    np.testing.assert_array_equal(np.asanyarray(m.dataobj), data.astype(np.uint8))
+    for bad in (300, 2.5, -1):   # does not fit uint8 exactly
+        data[0, 0, 0] = bad
+        with pytest.raises(ValueError, match="do not fit uint8"):
+            nifti.mask_like(data, ref, binary=False)
+
+
+def test_sidecar_path_and_suffix_parts():
+    assert bids.sidecar_path("/d/sub-01_T2w_seg.nii.gz") == Path("/d/sub-01_T2w_seg.json")
+    assert bids.sidecar_path("/d/sub-01_T2w.nii").name == "sub-01_T2w.json"
+    with pytest.raises(ValueError):
+        bids.sidecar_path("/d/sub-01_T2w.json")
+    assert bids.suffix_parts("_seg") == ("seg",) and bids.suffix_parts("label-sacrum_seg_") == ("label-sacrum", "seg")
+    for bad in ("", "_", "_a__b"):
+        with pytest.raises(InputError, match=r"^--seg-suffix: .* is not a BIDS suffix"):
+            bids.suffix_parts(bad, "--seg-suffix")
+
+
+def test_ensure_dataset_description_created_once_never_overwritten(tmp_path):
+    from sacrum_masks import __version__
+    folder = tmp_path / "derivatives" / "x"
+    path = bids.ensure_dataset_description(folder, name="N", description="what")
+    assert path == folder / "dataset_description.json"
+    assert json.loads(path.read_text()) == {
+        "Name": "N", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "sacrum-masks", "Version": __version__, "Description": "what"}]}
+    path.write_text('{"Name": "mine"}')
+    bids.ensure_dataset_description(folder, name="other")
+    assert path.read_text() == '{"Name": "mine"}'
+    assert [p.name for p in folder.iterdir()] == ["dataset_description.json"]  # no temporary left
+
+
+def test_read_json_object_or_none(tmp_path):
+    from sacrum_masks.config import read_json_object_or_none
+    p = tmp_path / "a.json"
+    assert read_json_object_or_none(p) is None                      # missing
+    for text in ("[1, 2]", "{not json", "3", "\xff"):
+        p.write_text(text, encoding="latin-1")
+        assert read_json_object_or_none(p) is None
+    p.write_text('{"a": [1]}')
+    assert read_json_object_or_none(p) == {"a": [1]}
+    assert read_json_object_or_none(tmp_path) is None               # a folder

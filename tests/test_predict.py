@@ -22,6 +22,8 @@ import pytest
 
 from sacrum_masks import predict
 from sacrum_masks.batch import folder_lock
+from sacrum_masks.device import check_device, cuda_selection, device_problem
+from sacrum_masks.errors import InputError
 from sacrum_masks.nifti import same_grid, sha256_file, to_rpi
 from sacrum_masks.predict import (Item, Settings, items_from_bids, items_from_config, nnunet_input,
                                   run_predict, segment_image, select_items)
@@ -91,15 +93,43 @@ def test_nnunet_input_matches_simpleitk_reader_on_rpi_file(tmp_path, kind):
     np.testing.assert_allclose(spacing, props["spacing"], rtol=1e-6)
 
 
+def superior_anterior_left_model(array, spacing):
+    """Stand-in network that depends on orientation: bright voxels of the superior-anterior-left octant.
+
+    In nnU-Net's layout of an RPI image, axis 0 runs I->S, axis 1 P->A and axis 2 R->L, so it marks
+    the bright voxels with ``z >= nz // 2``, ``y >= ny // 2`` and ``x >= nx // 2``. A skipped or wrong
+    reorientation (or restoration) marks other voxels.
+    """
+    labels = threshold_model(array, spacing)
+    nz, ny, nx = labels.shape
+    labels[: nz // 2] = 0
+    labels[:, : ny // 2] = 0
+    labels[:, :, : nx // 2] = 0
+    return labels
+
+
+# blob_image's box is [3:8, 4:11, 2:7] and its speck [10, 1, 8] (shape 12, 14, 10). Worked out by hand:
+# RAS: i runs right (left half: i <= 5), j anterior (j >= 7), k up (superior half: k >= 5); speck on the right.
+# LPS (and the oblique LPS, whose closest axes are LPS): i runs left (i >= 6), j posterior (j <= 6), k up
+#   (k >= 5); the speck is in the octant, a second component.
+# PIR: i runs posterior (anterior half: i <= 5), j down (superior half: j <= 6), k right (left half: k <= 4);
+#   speck on the right.
+OCTANT = {"RAS": ((slice(3, 6), slice(7, 11), slice(5, 7)), 0),
+          "LPS": ((slice(6, 8), slice(4, 7), slice(5, 7)), 1),
+          "PIR": ((slice(3, 6), slice(4, 7), slice(2, 5)), 0),
+          "oblique": ((slice(6, 8), slice(4, 7), slice(5, 7)), 1)}
+
+
 @pytest.mark.parametrize("kind", ["RAS", "LPS", "PIR", "oblique"])
 def test_segment_image_restores_the_input_voxel_order(kind):
     img = blob_image(kind)
     data = np.asanyarray(img.dataobj)
-    mask, removed = segment_image(threshold_model, img, data)
+    mask, removed = segment_image(superior_anterior_left_model, img, data)
+    box, speck_removed = OCTANT[kind]
     expected = np.zeros(data.shape, np.uint8)
-    expected[3:8, 4:11, 2:7] = 1
+    expected[box] = 1
     np.testing.assert_array_equal(mask, expected)
-    assert removed == 1
+    assert removed == speck_removed
 
 
 def test_network_sees_superior_along_first_axis():
@@ -141,6 +171,125 @@ def test_config_bad_entries_are_items_with_their_error(tmp_path):
     assert [it.error is None for it in items] == [True, False, False, False]
     assert items[0].dataset == tmp_path / "ds" and items[0].rel == "sub-01/anat/sub-01_T2w.nii.gz"
     assert "leaves DATASETS_PATH" in items[1].error and "absolute" in items[2].error
+
+
+def test_config_of_labels_is_refused_and_derivatives_entries_fail(tmp_path):
+    (tmp_path / "ds" / "sub-01" / "anat").mkdir(parents=True)
+    cfg = tmp_path / "test.json"
+    cfg.write_text(json.dumps({"TYPE": "LABEL", "DATASETS_PATH": str(tmp_path), "TESTING": [
+        "ds/derivatives/labels/sub-01/anat/sub-01_T2w_seg.nii.gz"]}))
+    with pytest.raises(InputError) as exc:
+        items_from_config(cfg)
+    assert str(exc.value) == f"{cfg}: TYPE is 'LABEL': predict takes a config of images (TYPE IMAGE)"
+    cfg.write_text(json.dumps({"TYPE": "IMAGE", "DATASETS_PATH": str(tmp_path), "TESTING": [
+        "ds/derivatives/labels/sub-01/anat/sub-01_T2w.nii.gz", "ds/sub-01/anat/sub-01_T2w.nii.gz"]}))
+    items = items_from_config(cfg)
+    assert [it.error for it in items] == ["not a raw image: inside derivatives/", None]
+
+
+def test_config_entry_of_a_missing_dataset_fails_and_creates_nothing(tmp_path, capsys):
+    ds = small_dataset(tmp_path)
+    cfg = tmp_path / "test.json"
+    cfg.write_text(json.dumps({"TYPE": "IMAGE", "DATASETS_PATH": str(ds.parent), "TESTING": [
+        "typo/sub-01/anat/sub-01_T2w.nii.gz", "ds/sub-01/anat/sub-01_T2w.nii.gz"]}))
+    items = items_from_config(cfg)
+    assert [it.error for it in items] == [f"dataset folder {ds.parent / 'typo'} not found", None]
+    assert run_predict(select_items(items), Settings(fake_model_dir(tmp_path)), model_factory=Loads()) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"predict: failed  TESTING[0] 'typo/sub-01/anat/sub-01_T2w.nii.gz': "
+                                    f"dataset folder {ds.parent / 'typo'} not found")
+    assert captured.out.strip().splitlines()[-1] == SUMMARY.format(1, 0, 0, 1)
+    assert sorted(p.name for p in ds.parent.iterdir()) == ["ds"]
+    # an Item made by hand whose dataset is missing: reported, nothing created either
+    ghost = tmp_path / "ghost"
+    item = Item(str(ghost / "sub-01/anat/sub-01_T2w.nii.gz"), ghost / "sub-01/anat/sub-01_T2w.nii.gz", ghost)
+    assert run_predict([item], Settings(fake_model_dir(tmp_path / "m")), model_factory=Loads()) == 1
+    assert capsys.readouterr().err.strip().endswith(f"dataset folder {ghost} not found")
+    assert not ghost.exists()
+
+
+def test_same_dataset_through_a_symlink_is_one_item_and_one_lock(tmp_path, capsys):
+    """The config's DATASETS_PATH and a --bids path reach the same images through a symbolic link."""
+    ds = small_dataset(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(ds.parent, target_is_directory=True)
+    cfg = tmp_path / "test.json"
+    cfg.write_text(json.dumps({"TYPE": "IMAGE", "DATASETS_PATH": str(ds.parent),
+                               "TESTING": ["ds/sub-01/anat/sub-01_T2w.nii.gz"]}))
+    items = select_items(items_from_config(cfg) + items_from_bids(link / "ds") + items_from_bids(ds))
+    assert [it.image for it in items] == sorted(p.resolve() for p in ds.glob("sub-*/**/anat/*.nii.gz"))
+    assert {it.dataset for it in items} == {ds.resolve()}
+    # an item made by hand with the other spelling is the same image: one lock, one mask
+    other = Item(str(link / "ds/sub-01/anat/sub-01_T2w.nii.gz"), link / "ds/sub-01/anat/sub-01_T2w.nii.gz", link / "ds")
+    assert run_predict(items + [other], Settings(fake_model_dir(tmp_path)), model_factory=Loads()) == 0
+    out = capsys.readouterr().out
+    assert "another run" not in out and out.strip().splitlines()[-1] == SUMMARY.format(3, 0, 0, 0)
+
+
+def test_unreadable_image_is_one_failure_line(tmp_path, capsys, monkeypatch):
+    """A PermissionError while reading an image fails that image only.
+
+    Tests run as root, where chmod 000 does not stop a read: the checksum read is made to raise instead.
+    """
+    ds = small_dataset(tmp_path)
+    bad = ds / "sub-03" / "anat" / "sub-03_T2w.nii.gz"
+    real_sha = predict.sha256_file
+
+    def sha(path, *args, **kw):
+        if Path(path) == bad:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_sha(path, *args, **kw)
+
+    monkeypatch.setattr(predict, "sha256_file", sha)
+    assert run_predict(select_items(items_from_bids(ds)), Settings(fake_model_dir(tmp_path)),
+                       model_factory=Loads()) == 1
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"predict: failed  {bad}: cannot read (Permission denied)"
+    assert captured.out.strip().splitlines()[-1] == SUMMARY.format(2, 0, 0, 1)
+
+
+def test_moved_model_with_the_same_checkpoint_is_up_to_date(tmp_path, capsys):
+    ds = small_dataset(tmp_path)
+    model = fake_model_dir(tmp_path)
+    items = select_items(items_from_bids(ds))
+    run_predict(items, Settings(model), model_factory=Loads())
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(model, moved)
+    shutil.rmtree(model)
+    capsys.readouterr()
+    loads = Loads()
+    assert run_predict(items, Settings(moved), model_factory=loads) == 0
+    assert last_line(capsys) == SUMMARY.format(0, 3, 0, 0) and loads.count == 0
+    # other bytes in the checkpoint are another model
+    (moved / "fold_0" / "checkpoint_best.pth").write_bytes(b"retrained weights")
+    assert run_predict(items, Settings(moved), model_factory=loads) == 0
+    assert last_line(capsys) == SUMMARY.format(3, 0, 0, 0)
+    side = json.loads(next((ds / "derivatives" / "labels").rglob("*_seg.json")).read_text())
+    assert side["GeneratedBy"][0]["Model"] == str(moved)
+
+
+@pytest.mark.parametrize("gpu, visible, expected", [
+    ("cpu", None, (None, "cpu")),
+    ("cpu", "2,3", (None, "cpu")),
+    ("1", None, ("1", "cuda")),          # no allocation: the id is a device of the machine
+    ("1", "", ("1", "cuda")),
+    ("0", "2,3", (None, "cuda:0")),      # SLURM allocated 2,3: GPU=0 is the first of them (device 2)
+    ("1", "2,3", (None, "cuda:1")),
+    ("0,1", None, ("0,1", "cuda")),
+])
+def test_cuda_selection_respects_an_existing_allocation(gpu, visible, expected):
+    assert cuda_selection(gpu, visible) == expected
+
+
+def test_check_device_leaves_an_allocation_alone(monkeypatch):
+    """No GPU here: the check fails, but CUDA_VISIBLE_DEVICES set by SLURM stays as it was."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ValueError):
+        check_device("0")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert device_problem("2", True, 2, "2,3", needed=3) == \
+        "GPU=2: only 2 CUDA devices are visible, device index 2 needs 3 (CUDA_VISIBLE_DEVICES=2,3)"
+    assert device_problem("1", True, 2, "2,3", needed=2) is None
 
 
 # ------------------------------------------------------------------------------ batch with a stand-in
@@ -397,6 +546,56 @@ def test_script_bad_option_values(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "generate_sacrum: --checkpoint latest: expected best or final"
     proc = subprocess.run(["bash", str(SCRIPT), "--fold"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "--fold needs a value" in proc.stderr
+
+
+def trained_model_at(results: Path, dnum: str, dname: str, trainer: str, configuration: str) -> Path:
+    """A stand-in model folder where `make train DNUM=... TRAINER=... CONFIGURATION=...` writes one."""
+    model = results / f"Dataset{dnum}_{dname}" / f"{trainer}__nnUNetPlans__{configuration}"
+    shutil.copytree(fake_model_dir(results.parent / "stand-in"), model)
+    return model
+
+
+def test_script_default_model_follows_the_training_variables(tmp_path):
+    env = script_env(tmp_path, GPU="cpu", DNUM="301", DNAME="Other", TRAINER="nnUNetTrainer_SacrumCPU",
+                     CONFIGURATION="3d_fullres_small")
+    model = trained_model_at(tmp_path / "data" / "nnUNet" / "results", "301", "Other", "nnUNetTrainer_SacrumCPU",
+                             "3d_fullres_small")
+    empty = tmp_path / "empty-bids"
+    empty.mkdir()
+    proc = subprocess.run(["bash", str(SCRIPT), "--bids", str(empty)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines() == [
+        f"generate_sacrum: model {model} fold 0 checkpoint best device cpu", SUMMARY.format(0, 0, 0, 0)]
+    help_text = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, env=env).stdout
+    assert "<TRAINER>__nnUNetPlans__<CONFIGURATION>" in help_text and f"now {model}" in help_text
+    for var in ("DNUM", "DNAME", "TRAINER", "CONFIGURATION"):
+        assert var in help_text
+
+
+def test_script_sigterm_reaches_predict(tmp_path):
+    """The script execs predict: its pid becomes predict's, so SIGTERM stops the work, not only bash."""
+    ds = small_dataset(tmp_path)
+    env = script_env(tmp_path, GPU="cpu")
+    trained_model_at(tmp_path / "data" / "nnUNet" / "results", "300", "SacrumDataset", "nnUNetTrainer", "3d_fullres")
+    cmdline = b""
+    with folder_lock(ds / "derivatives" / "labels"):   # predict --wait blocks here, holding its pid
+        proc = subprocess.Popen(["bash", str(SCRIPT), "--bids", str(ds), "--wait"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            for _ in range(600):
+                cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+                if b"predict" in cmdline.split(b"\0") or proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert b"predict" in cmdline.split(b"\0"), cmdline
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == -signal.SIGTERM
+    assert not list((ds / "derivatives" / "labels").rglob("*.nii.gz"))
 
 
 # --------------------------------------------------------------------------- end to end (small model)

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import ROOT, demo_env
 from sacrum_masks.device import device_problem, parse_gpu
+from sacrum_masks.errors import InputError
 from sacrum_masks.plans import add_small_plans, small_configuration, with_small_configuration
 from sacrum_masks.train import (ProcessGroups, TrainStop, dataset_prefix, evaluation_up_to_date, find_dataset,
                                 fold_state, folds, newer, plans_up_to_date, raw_fingerprint, zip_up_to_date)
@@ -405,3 +406,21 @@ def test_dataset_number_conflicts_and_busy_lock_stop_before_planning(tmp_path):
     assert res.stderr.strip().splitlines()[-1] == (
         f"train: another training of Dataset303_A is running (lock {results}/.Dataset303.train.lock)")
     assert not (data / "nnUNet" / "preprocessed" / "Dataset303_A").exists()
+
+
+@pytest.mark.parametrize("text, reason", [("[1, 2]", "not a JSON object"), ("{broken", "not valid JSON")])
+def test_add_small_plans_refuses_a_file_that_is_not_a_json_object(tmp_path, text, reason):
+    path = tmp_path / "nnUNetPlans.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}: {reason}"):
+        add_small_plans(path)
+    assert path.read_text() == text
+
+
+def test_cuda_env_stays_inside_an_existing_allocation():
+    """GPU indexes an existing CUDA_VISIBLE_DEVICES (SLURM) instead of replacing it; the CPU env is untouched."""
+    from sacrum_masks.train import _with_device
+
+    assert _with_device({"A": "1"}, "cuda", "1") == {"A": "1", "CUDA_VISIBLE_DEVICES": "1"}
+    assert _with_device({"CUDA_VISIBLE_DEVICES": "2,3"}, "cuda", "1") == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert _with_device({"CUDA_VISIBLE_DEVICES": "2,3"}, "cpu", "cpu") == {"CUDA_VISIBLE_DEVICES": "2,3"}

@@ -16,8 +16,9 @@ Conventions
   (:func:`sacrum_masks.components.largest_component`).
 * Ownership: a mask whose sidecar says ``GeneratedBy[0].Name == "sacrum-masks"`` is ours. A mask
   without such a sidecar (a manual correction) is never overwritten, not even with ``--force``.
-* Up to date: ours, same input SHA-256 and same model identity (folder, fold, checkpoint and the
-  checkpoint file's SHA-256): nothing is done.
+* Up to date: ours, same input SHA-256 and same model identity (fold, checkpoint name and the
+  checkpoint file's SHA-256; not the model folder's path, so a moved or remounted model is the same
+  model): nothing is done. The sidecar still records the folder ("Model") for provenance.
 * Writes are atomic (temporary file + rename). For a new mask the sidecar is written first, for a
   rewrite the mask is: whatever point a run is killed at, the next run sees "missing" or "out of
   date", never "kept" or "up to date" for a stale mask.
@@ -29,8 +30,8 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
 import os
+import re
 import sys
 import time
 from contextlib import ExitStack
@@ -43,7 +44,9 @@ import numpy as np
 
 from . import __version__
 from .batch import Batch, folder_lock
-from .bids import BidsName, derivative_path, find_images, split_extension
+from . import bids
+from .bids import BidsName, derivative_path, find_images, sidecar_path, split_extension
+from .config import read_json_object_or_none
 from .components import largest_component
 from .errors import InputError, LockBusy
 from .nifti import (check_file, from_rpi, load_image, remove_stale_temporaries, mask_like, save_nifti_atomic, sha256_file, to_rpi,
@@ -86,8 +89,11 @@ class Item:
 def items_from_config(config_path: str | Path, datasets_path: str | Path | None = None) -> list[Item]:
     """The TESTING entries of a config (original format), each resolved or carrying its own error.
 
-    A bad entry (outside DATASETS_PATH, absolute, not ``<dataset>/.../<file>``) does not stop the
-    others: it comes back with ``error`` set. Missing files are found later, when the image is read.
+    A bad entry (outside DATASETS_PATH, absolute, not ``<dataset>/.../<file>``, inside a
+    ``derivatives/`` folder, or of a dataset folder that does not exist) does not stop the others: it
+    comes back with ``error`` set. Missing files are found later, when the image is read. The dataset
+    folder is resolved (symbolic links followed), as in :func:`items_from_bids`, so one image has one
+    spelling. A config whose ``TYPE`` is not ``IMAGE`` is refused (InputError).
     """
     from .config import entry_path, read_json_object, resolve_datasets_path
 
@@ -95,6 +101,8 @@ def items_from_config(config_path: str | Path, datasets_path: str | Path | None 
     raw = read_json_object(path)
     if not isinstance(raw.get("TESTING", []), list):
         raise InputError(path, "not a config (expected a JSON object with a TESTING list)")
+    if raw.get("TYPE") != "IMAGE":
+        raise InputError(path, f"TYPE is {raw.get('TYPE')!r}: predict takes a config of images (TYPE IMAGE)")
     root = resolve_datasets_path(raw, path, datasets_path)
     if not root.is_dir():
         raise InputError(path, f"DATASETS_PATH {root} is not a folder (pass --datasets-path or set DATASETS_PATH)")
@@ -102,7 +110,7 @@ def items_from_config(config_path: str | Path, datasets_path: str | Path | None 
     for i, entry in enumerate(raw.get("TESTING", [])):
         label = f"TESTING[{i}] {entry!r}"
         try:
-            full = entry_path(root, entry, f"TESTING[{i}]")
+            entry_path(root, entry, f"TESTING[{i}]")   # refuses entries that leave DATASETS_PATH
         except InputError as exc:
             items.append(Item(label, error=exc.reason))
             continue
@@ -110,13 +118,24 @@ def items_from_config(config_path: str | Path, datasets_path: str | Path | None 
         if len(parts) < 2:
             items.append(Item(label, error="expected <dataset>/sub-*/[ses-*/]anat/<image>.nii.gz"))
             continue
-        items.append(Item(str(full), full, root / parts[0]))
+        if "derivatives" in parts:
+            items.append(Item(label, error="not a raw image: inside derivatives/"))
+            continue
+        if not (root / parts[0]).is_dir():
+            items.append(Item(label, error=f"dataset folder {root / parts[0]} not found"))
+            continue
+        dataset = (root / parts[0]).resolve()
+        image = dataset.joinpath(*parts[1:])
+        items.append(Item(str(image), image, dataset))
     return items
 
 
 def items_from_bids(bids_dir: str | Path) -> list[Item]:
-    """Every MRI image of a BIDS dataset (``sub-*/[ses-*/]anat``, CT excluded)."""
-    root = Path(os.path.abspath(bids_dir))
+    """Every MRI image of a BIDS dataset (``sub-*/[ses-*/]anat``, CT excluded).
+
+    The dataset folder is resolved (symbolic links followed), as in :func:`items_from_config`.
+    """
+    root = Path(bids_dir).resolve()
     return [Item(str(p), p, root) for p in find_images(root)]
 
 
@@ -153,13 +172,42 @@ def select_items(items: list[Item], shard: tuple[int, int] = (1, 1)) -> list[Ite
     return [it for idx, it in enumerate(ordered) if idx % n == i - 1]
 
 
+def normalise_items(items: list[Item]) -> list[Item]:
+    """Items with their dataset folder resolved (symbolic links followed), duplicates dropped, order kept.
+
+    :func:`items_from_config` and :func:`items_from_bids` already resolve; this makes
+    :func:`run_predict` safe for items made otherwise, so one output folder never appears under two
+    spellings (the run would lock itself out). An item whose dataset folder does not exist gets an
+    error instead (nothing is created for it).
+    """
+    seen, result = set(), []
+    for it in items:
+        if it.error is None and it.image is not None:
+            if not Path(it.dataset).is_dir():
+                it = Item(it.entry, error=f"dataset folder {it.dataset} not found")
+            else:
+                old = Path(os.path.abspath(it.image))
+                try:
+                    rel = old.relative_to(os.path.abspath(it.dataset))
+                except ValueError:
+                    it = Item(it.entry, error=f"not inside its dataset folder {it.dataset}")
+                else:
+                    dataset = Path(it.dataset).resolve()
+                    image = dataset / rel
+                    it = Item(str(image) if it.entry in (str(it.image), str(old)) else it.entry, image, dataset)
+        if it.key not in seen:
+            seen.add(it.key)
+            result.append(it)
+    return result
+
+
 def output_paths(item: Item) -> tuple[Path, Path]:
     """``(mask, sidecar)`` paths of an item (InputError for a name that is not BIDS or not NIfTI)."""
     if split_extension(item.image.name)[1] == "":
         raise InputError(item.image, "not a NIfTI file (.nii or .nii.gz)")
     BidsName.parse(item.image)
     mask = derivative_path(item.dataset, item.image, PIPELINE, *MASK_SUFFIX)
-    return mask, mask.with_name(split_extension(mask.name)[0] + ".json")
+    return mask, sidecar_path(mask)
 
 
 # ----------------------------------------------------------------------------------------- provenance
@@ -185,8 +233,16 @@ def checkpoint_file(model_dir: str | Path, fold: str, checkpoint: str) -> Path:
     return path
 
 
+#: The keys of :func:`model_identity` that decide whether a mask is up to date ("Model", the folder's
+#: path, is provenance only: moving or remounting the same checkpoint must not redo every mask).
+IDENTITY_KEYS = ("Fold", "Checkpoint", "CheckpointSHA256")
+
+
 def model_identity(model_dir: str | Path, fold: str, checkpoint: str) -> dict:
-    """What decides whether a mask is up to date: model folder, fold, checkpoint and its SHA-256."""
+    """The model as the sidecar records it: folder ("Model"), fold, checkpoint and its SHA-256.
+
+    Only :data:`IDENTITY_KEYS` decide whether a mask is up to date (:func:`plan_status`).
+    """
     model_dir = Path(os.path.abspath(model_dir))
     ckpt = checkpoint_file(model_dir, fold, checkpoint)
     return {"Model": str(model_dir), "Fold": int(fold) if str(fold).isdigit() else str(fold),
@@ -203,11 +259,7 @@ def is_ours(sidecar: dict | None) -> bool:
 
 def read_sidecar(path: Path) -> dict | None:
     """The JSON object in ``path``, or None when it is missing or not a JSON object."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
+    return read_json_object_or_none(path)
 
 
 def plan_status(mask: Path, sidecar: dict | None, input_sha: str, identity: dict, force: bool = False) -> str:
@@ -217,6 +269,8 @@ def plan_status(mask: Path, sidecar: dict | None, input_sha: str, identity: dict
     >>> ours = {"GeneratedBy": [{"Name": "sacrum-masks", **ident}], "InputSHA256": "i"}
     >>> plan_status(Path("/nonexistent.nii.gz"), ours, "i", ident)
     'write'
+    >>> plan_status(Path(__file__), ours, "i", {**ident, "Model": "/moved/m"})
+    'up to date'
     """
     if not mask.exists():
         return "write"
@@ -225,7 +279,7 @@ def plan_status(mask: Path, sidecar: dict | None, input_sha: str, identity: dict
     if force:
         return "write"
     made_by = sidecar["GeneratedBy"][0]
-    same_model = all(made_by.get(k) == v for k, v in identity.items())
+    same_model = all(made_by.get(k) == identity.get(k) for k in IDENTITY_KEYS)
     return "up to date" if same_model and sidecar.get("InputSHA256") == input_sha else "write"
 
 
@@ -243,19 +297,13 @@ def make_sidecar(item: Item, identity: dict, input_sha: str, mask: np.ndarray, i
             "Empty": count == 0}
 
 
-def dataset_description() -> dict:
-    """``derivatives/labels/dataset_description.json`` written when the folder has none."""
-    return {"Name": "Sacrum masks", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": TOOL_NAME, "Version": __version__,
-                             "Description": "nnU-Net v2 sacrum segmentation, largest 26-connected component",
-                             "CodeURL": "https://github.com/neuropoly/totalspineseg"}]}
-
-
 def ensure_dataset_description(folder: Path) -> None:
-    """Create ``<folder>/dataset_description.json`` when absent; an existing one is never touched."""
-    path = folder / "dataset_description.json"
-    if not path.exists():
-        write_json_atomic(dataset_description(), path)
+    """Create ``<folder>/dataset_description.json`` when absent; an existing one is never touched.
+
+    ``derivatives/labels`` is shared with ct-labels: both write the same description
+    (:data:`sacrum_masks.bids.LABELS_DESCRIPTION`).
+    """
+    bids.ensure_dataset_description(folder, name=bids.LABELS_DESCRIPTION[0], description=bids.LABELS_DESCRIPTION[1])
 
 
 def write_outputs(mask_img, mask_path: Path, sidecar: dict, sidecar_path: Path) -> None:
@@ -378,7 +426,8 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
     out = stream or sys.stdout
     batch = Batch("predict", stream=stream)
     identity = model_identity(settings.model_dir, settings.fold, settings.checkpoint)
-    folders = sorted({it.dataset / "derivatives" / PIPELINE for it in items if it.image is not None})
+    items = normalise_items(items)
+    folders = sorted({it.dataset / "derivatives" / PIPELINE for it in items if it.error is None})
     with ExitStack() as locks:
         for folder in folders:
             try:
@@ -397,9 +446,13 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
                 mask_path, side_path = output_paths(it)
                 check_file(it.image)
                 remove_stale_temporaries(mask_path, side_path)
-                sha = sha256_file(it.image)
             except InputError as exc:
                 batch.report(it.entry, "failed", exc.reason)
+                continue
+            try:
+                sha = sha256_file(it.image)
+            except OSError as exc:   # permission denied, I/O error, ...: this image only
+                batch.report(it.entry, "failed", f"cannot read ({exc.strerror or exc})")
                 continue
             status = plan_status(mask_path, read_sidecar(side_path), sha, identity, settings.force)
             if status == "kept":
@@ -419,6 +472,9 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
                     mask, n_removed = segment_image(model.predict, img, data)
                 except InputError as exc:
                     batch.report(it.image, "failed", exc.reason)
+                    continue
+                except OSError as exc:
+                    batch.report(it.image, "failed", f"cannot read ({exc.strerror or exc})")
                     continue
                 sidecar = make_sidecar(it, identity, sha, mask, img, n_removed, run_settings)
                 write_outputs(mask_like(mask, img), mask_path, sidecar, side_path)
@@ -445,6 +501,12 @@ def _shard_option(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _device_option(ctx, param, value):
+    if re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        return value
+    raise click.BadParameter(f"{value!r}: expected cpu, cuda or cuda:N")
+
+
 @click.command("predict")
 @click.option("--config", "config", type=click.Path(path_type=Path),
               help="Test config (original format): DATASETS_PATH + TESTING list of <dataset>/sub-*/.../<image>.")
@@ -456,8 +518,9 @@ def _shard_option(ctx, param, value):
               help="nnU-Net model folder (<nnUNet_results>/<Dataset>/<Trainer__Plans__Configuration>).")
 @click.option("--fold", default="0", show_default=True, help="Fold 0-4 or 'all'.")
 @click.option("--checkpoint", type=click.Choice(["best", "final"]), default="best", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="cuda uses the first visible GPU (set CUDA_VISIBLE_DEVICES to pick one).")
+@click.option("--device", default="cpu", show_default=True, callback=_device_option,
+              help="cpu, cuda (the first visible GPU) or cuda:N (visible GPU N, e.g. of a SLURM allocation); "
+                   "bin/generate_sacrum.sh picks it from GPU (sacrum-masks check-device --torch-device).")
 @click.option("--tile-step", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
               help="Sliding-window step as a fraction of the patch (larger = faster, fewer overlaps).")
 @click.option("--mirroring/--no-mirroring", default=False, show_default=True,

@@ -269,8 +269,16 @@ class ProcessGroups:
 
 
 def _with_device(env: dict[str, str], device: str, gpu: str) -> dict[str, str]:
-    """``env`` with ``CUDA_VISIBLE_DEVICES=gpu`` for a CUDA run (a copy; unchanged for the CPU)."""
-    return {**env, "CUDA_VISIBLE_DEVICES": gpu} if device == "cuda" else dict(env)
+    """``env`` with ``CUDA_VISIBLE_DEVICES`` for GPU ``gpu`` for a CUDA run (a copy; unchanged for the CPU).
+
+    An existing ``CUDA_VISIBLE_DEVICES`` (a SLURM allocation) is kept narrowed to ``gpu``, which then
+    indexes it (:func:`sacrum_masks.device.visible_for`); the device check already refused a bad index.
+    """
+    if device != "cuda":
+        return dict(env)
+    from .device import visible_for
+
+    return {**env, "CUDA_VISIBLE_DEVICES": visible_for(gpu, env.get("CUDA_VISIBLE_DEVICES"))}
 
 
 def check_device_in_child(gpu: str) -> str:
