@@ -114,11 +114,6 @@ class BidsName:
         return replace(self, parts=self.parts[:-n])
 
 
-def is_ct(path: str | Path) -> bool:
-    """True for CT images (contrast ``CT``)."""
-    return BidsName.parse(path).contrast == "CT"
-
-
 def iter_anat_files(root: str | Path):
     """``(path, BidsName)`` of every NIfTI file of ``sub-*/[ses-*/]anat/`` below ``root``, sorted by path.
 
@@ -220,12 +215,3 @@ def ensure_dataset_description(folder: str | Path, *, name: str, description: st
         write_json_atomic({"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
                            "GeneratedBy": [generated]}, path)
     return path
-
-
-def normalize_participant(label: str) -> str:
-    """Participant label with or without ``sub-``.
-
-    >>> normalize_participant("sub-01"), normalize_participant("01")
-    ('01', '01')
-    """
-    return label[4:] if label.startswith("sub-") else label

@@ -12,8 +12,3 @@ Training (``nnUNetv2_train ... -tr nnUNetTrainer_SacrumCPU``) and prediction fro
 with one of these trainers (``nnUNetv2_predict``, or an installed model zip, which names its trainer)
 both need ``nnUNet_extTrainer`` to point here.
 """
-
-from pathlib import Path
-
-#: The folder to put in ``nnUNet_extTrainer``.
-TRAINER_DIR = Path(__file__).resolve().parent
