@@ -203,14 +203,18 @@ def test_invalid_pairs_stop_the_stage_or_are_skipped(tmp_path):
     assert json.loads((ds / "dataset.json").read_text())["numTraining"] == 6
 
 
-def test_rerun_is_up_to_date_force_and_changes(tmp_path):
+def converted_four_subjects(tmp_path):
+    """Four subjects in tmp_path/bids converted once into tmp_path/raw: (bids root, convert args, dataset)."""
     root = tmp_path / "bids"
-    labels = four_subjects(root)
-    cfg_path = config_file(tmp_path, labels)
+    cfg_path = config_file(tmp_path, four_subjects(root))
     raw = tmp_path / "raw"
     args = ["convert", "--config", str(cfg_path), "--path-out", str(raw)]
     assert run(args).exit_code == 0
-    ds = raw / "Dataset300_SacrumDataset"
+    return root, args, raw / "Dataset300_SacrumDataset"
+
+
+def test_rerun_is_up_to_date_force_and_changes(tmp_path):
+    root, args, ds = converted_four_subjects(tmp_path)
     stamp = {p: p.stat().st_mtime_ns for p in ds.rglob("*")}
     res = run(args)
     assert res.exit_code == 0 and res.output == f"convert: up to date  {ds} (pass --force to rebuild)\n"
@@ -232,7 +236,7 @@ def test_rerun_is_up_to_date_force_and_changes(tmp_path):
     cid = [c for c, r in conv["Cases"].items() if r["image"].startswith("dsB/")][0]
     split = conv["Cases"][cid]["split"]
     assert np.asarray(nib.load(str(ds / f"labels{split}" / f"{cid}.nii.gz")).dataobj).all()
-    assert [p.name for p in raw.iterdir() if p.name.startswith(".Dataset300_SacrumDataset.")] == \
+    assert [p.name for p in ds.parent.iterdir() if p.name.startswith(".Dataset300_SacrumDataset.")] == \
         [".Dataset300_SacrumDataset.lock"]
 
 
@@ -330,13 +334,7 @@ def test_second_concurrent_conversion_says_so(tmp_path):
 @pytest.mark.parametrize("text", ["[1, 2]", "null", "{broken"])
 def test_conversion_record_not_an_object_is_not_up_to_date(tmp_path, text):
     """A conversion.json holding JSON that is not an object: one line (rebuild with --force), no crash."""
-    root = tmp_path / "bids"
-    labels = four_subjects(root)
-    cfg_path = config_file(tmp_path, labels)
-    raw = tmp_path / "raw"
-    args = ["convert", "--config", str(cfg_path), "--path-out", str(raw)]
-    assert run(args).exit_code == 0
-    ds = raw / "Dataset300_SacrumDataset"
+    _, args, ds = converted_four_subjects(tmp_path)
     (ds / "conversion.json").write_text(text)
     res = run(args)
     assert res.exit_code == 2

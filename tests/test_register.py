@@ -762,13 +762,18 @@ def _moved_grid(mri, centre, cover=None):
 MRIS = ["sct_t2_lumbar", "tptbox_t2", "totalseg_mr_sm"]
 
 
-@pytest.mark.real
-@pytest.mark.parametrize("mri_name", MRIS)
-def test_real_v1_sacrum_onto_real_mri_grids(real_dir, mri_name):
+def _real_v1_sacrum(real_dir):
+    """The real CT's TotalSegmentator v1 label: (image, voxels, sacrum (92) mask, sacrum world centroid)."""
     label_img = nib.load(str(real_dir / "totalseg_ct_seg_v1.nii.gz"))
     label = np.asanyarray(label_img.dataobj)
     sac = label == 92
-    centre = _world_centroid(sac, label_img.affine)
+    return label_img, label, sac, _world_centroid(sac, label_img.affine)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("mri_name", MRIS)
+def test_real_v1_sacrum_onto_real_mri_grids(real_dir, mri_name):
+    label_img, label, sac, centre = _real_v1_sacrum(real_dir)
     ijk = np.argwhere(sac)
     world = ijk @ label_img.affine[:3, :3].T + label_img.affine[:3, 3]
     box = (world.min(0) - 3, world.max(0) + 3)
@@ -791,10 +796,7 @@ def test_real_v1_sacrum_onto_real_mri_grids(real_dir, mri_name):
 def test_real_v1_sacrum_onto_real_mri_grids_of_real_size(real_dir, mri_name):
     # The real grids, moved onto the sacrum but keeping their size, are smaller than the sacrum
     # (120 x 87 x 126 mm): the part inside is carried exactly, and the rest is reported.
-    label_img = nib.load(str(real_dir / "totalseg_ct_seg_v1.nii.gz"))
-    label = np.asanyarray(label_img.dataobj)
-    sac = label == 92
-    centre = _world_centroid(sac, label_img.affine)
+    label_img, label, sac, centre = _real_v1_sacrum(real_dir)
     mri = nib.load(str(real_dir / f"{mri_name}.nii.gz"))
     grid = _moved_grid(mri, centre)
     assert grid.shape == mri.shape
