@@ -3,11 +3,14 @@
 * ``demo_root``: the synthetic demo datasets (seed 0), written once per session; read-only for tests.
 * ``real_dir``: ../shared/data/real (real volumes); tests using it skip, saying why, when it is absent.
 * ``demo_run``: bin/demo.sh run once per session in a temporary SACRUM_DATA (trains the small CPU model).
+  For development only, ``SACRUM_TEST_DEMO_CACHE=DIR`` copies a finished demo run's SACRUM_DATA from DIR
+  instead (CI never sets it; a cache made by older code may not match the tests).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -54,6 +57,9 @@ def demo_run(tmp_path_factory):
     data = tmp_path_factory.mktemp("demo_run")
     env = demo_env(data)
     log = data / "demo.log"
+    cache = os.environ.get("SACRUM_TEST_DEMO_CACHE")
+    if cache:
+        shutil.copytree(cache, data, dirs_exist_ok=True, symlinks=True)
     with open(log, "w") as fh:
         proc = subprocess.run(["bash", str(ROOT / "bin" / "demo.sh")], cwd=ROOT, env=env,
                               stdout=fh, stderr=subprocess.STDOUT)
