@@ -268,9 +268,10 @@ def _portable_path(root: Path, var: str | None) -> str:
 
 
 @click.command("init-config")
-@click.option("--txt", "txt", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--txt", "txt", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Text file with one path per line (find ~+ -type f -name '*_seg.nii.gz' | grep -v CT | sort).")
-@click.option("--type", "type_", required=True, type=click.Choice(TYPES), help="What the listed files are.")
+@click.option("--type", "type_", default=None, type=click.Choice(TYPES),
+              help="What the listed files are (required with --txt; LABEL with --review).")
 @click.option("--split-validation", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="Fraction of subjects for VALIDATION.")
 @click.option("--split-test", default=0.1, show_default=True, type=click.FloatRange(0, 1),
@@ -278,21 +279,58 @@ def _portable_path(root: Path, var: str | None) -> str:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split (stored as SEED).")
 @click.option("--portable", metavar="VAR", default=None,
               help="Write DATASETS_PATH as ${VAR}/... (e.g. SACRUM_DATA) instead of an absolute path.")
+@click.option("--review", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="review.tsv from the QC page: the masks marked pass plus the manual corrections beside them "
+                   "(instead of --txt).")
+@click.option("--datasets-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              envvar="DATASETS_PATH", default=None,
+              help="With --review: the folder holding the datasets its mask paths start from.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output JSON [default: the list file with .json instead of .txt].")
-def init_config_command(txt, type_, split_validation, split_test, seed, portable, output):
-    """Make a split config (original totalspineseg format) from a list of label or image files.
+def init_config_command(txt, type_, split_validation, split_test, seed, portable, review, datasets_path, output):
+    """Make a split config (original totalspineseg format) from a list of label or image files,
+    or (--review) from a QC review: the masks marked pass plus the manual corrections found beside them.
 
     Splits are seeded and grouped by subject (dataset + sub label): a subject's T1w and T2w
-    never land in two splits. Paths are stored relative to DATASETS_PATH.
+    never land in two splits. Paths are stored relative to DATASETS_PATH. A config made from a review
+    records the review file and its SHA-256 (REVIEW).
     """
-    output = output if output is not None else txt.with_suffix(".json")
-    if output.resolve() == txt.resolve():
+    if (txt is None) == (review is None):
+        raise click.UsageError("give --txt or --review (one of them)")
+    source = txt or review
+    output = output if output is not None else source.with_suffix(".json")
+    if output.resolve() == source.resolve():
         raise InputError(output, "output would overwrite the input list")
-    config = make_config(_read_list(txt), type_, split_validation, split_test, seed, portable, source=txt)
+    if review is not None:
+        config = _config_from_review(review, datasets_path, type_, split_validation, split_test, seed, portable)
+    else:
+        if type_ is None:
+            raise click.UsageError("--type is required with --txt")
+        config = make_config(_read_list(txt), type_, split_validation, split_test, seed, portable, source=txt)
     write_json_atomic(config, output)
     counts = ", ".join(f"{len(config[k])} {k.lower()}" for k in SPLIT_KEYS)
     click.echo(f"init-config: wrote {output} ({config['CONTRASTS']}; {counts})")
+
+
+def _config_from_review(review: Path, datasets_path, type_, validation, test, seed, portable) -> dict:
+    """The next round's config from a review.tsv (see :mod:`sacrum_masks.qc_review`)."""
+    from .nifti import sha256_file
+    from .qc_review import reviewed_labels
+
+    if type_ not in (None, "LABEL"):
+        raise click.UsageError("--review makes a LABEL config")
+    if datasets_path is None:
+        raise InputError("--datasets-path", "needed with --review: the folder holding the datasets that the "
+                                            "review's mask paths start from (or set DATASETS_PATH)")
+    root = Path(os.path.abspath(datasets_path))
+    labels, counts = reviewed_labels(review, root, warn=lambda line: click.echo(line, err=True))
+    if not labels:
+        raise InputError(review, "no mask marked pass and no manual correction found: nothing to train on")
+    config = make_config(labels, "LABEL", validation, test, seed, portable, source=review)
+    config["REVIEW"] = {"FILE": str(review.resolve()), "SHA256": sha256_file(review), **counts}
+    click.echo(f"init-config: review {review.name}: {counts['passed']} passed, {counts['corrected']} corrected, "
+               f"{counts['left_out']} left out (fail/artifact), {counts['missing']} missing")
+    return config
 
 
 # --------------------------------------------------------------------------------------------- load

@@ -1,40 +1,46 @@
-"""QC report for sacrum masks: one PNG per mask and a self-contained ``index.html`` (+ ``qc.json``).
+"""QC report for sacrum masks: plausibility checks with reasons, pictures, a ranked review page.
 
-For a derivatives folder ``<dataset>/derivatives/labels``, every mask
-``sub-*/[ses-*/]anat/<stem>_label-sacrum_seg.nii.gz`` is drawn over its image
-``<dataset>/sub-*/[ses-*/]anat/<stem>.nii.gz``: a sagittal and a coronal slice through the mask's
-centroid (the image centre for an empty mask), the mask outline in red, subject and volume in the title.
+Three sources, one report (``index.html`` + ``qc.json`` + one PNG per mask):
+
+* a derivatives folder ``<dataset>/derivatives/labels`` (stage 4's ``*_label-sacrum_seg`` masks);
+* ``<dataset>/derivatives/reg-labels`` (stage 1's ``*_seg``: CT labels carried onto MRI, a registration QC;
+  the sidecar's ``FractionOutsideFOV`` and volume change are checked too);
+* a training config (``--config split.json``, TYPE LABEL): every mask it lists.
+
+Each mask is drawn over its image (``<dataset>/sub-*/[ses-*/]anat/<stem>.nii.gz``, the mask's name without
+its suffix): sagittal, coronal and axial slices through the mask's centroid and a strip of sagittal slices
+across the mask, outline in red. The checks are :mod:`sacrum_masks.qc_checks` (thresholds in
+:data:`~sacrum_masks.qc_checks.THRESHOLDS`); the page lists the masks worst first by
+:func:`~sacrum_masks.qc_checks.score` and lets a reviewer mark each pass / fail / artifact
+(:mod:`sacrum_masks.qc_page`). Uncertainty (``BoundaryEntropy``, ``FoldAgreementDice``) is read from stage 4's
+sidecar when present ("n/a" otherwise).
 
 Conventions
 -----------
-* Image and mask are reoriented to SCT "RPI" (nibabel axis codes L, A, S) before slicing, so the views
-  are the same whatever the file's voxel order. Sagittal: anterior on the left, superior up. Coronal:
-  radiological (patient's right on the viewer's left), superior up. Voxel sizes set the aspect ratio.
-* Volume = number of non-zero mask voxels x voxel volume (from the mask itself; no sidecar needed).
-* "Touches border": a mask voxel on the first or last slice along any axis.
-* Volume outliers: outside ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]`` of the non-empty masks of this report
-  (evaluated from 4 non-empty masks on; fewer gives no range).
-* The default output folder is ``<dataset>/derivatives/qc-sacrum/`` (a sibling of ``labels`` so the
-  labels folder stays BIDS-clean); it gets its own ``dataset_description.json``.
-* Figures have a fixed size and dpi (:data:`FIG_SIZE_IN`, :data:`FIG_DPI`): every PNG is
-  :data:`PNG_SIZE` pixels (width, height).
+* Arrays are reoriented to SCT "RPI" (nibabel axis codes L, A, S) before measuring and slicing, so that
+  nothing depends on the file's voxel order. Sagittal: anterior on the left, superior up. Coronal and axial:
+  radiological (patient's right on the viewer's left). Voxel sizes set the aspect ratio.
+* Volume = non-zero mask voxels x voxel volume, from the mask itself.
+* A mask's key (``mask`` in qc.json and review.tsv) is its path relative to the folder holding the
+  datasets (``<dataset>/derivatives/labels/sub-01/anat/...``), as in a split config.
+* Every PNG is :data:`PNG_SIZE` pixels (width, height).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import html
+import math
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import click
 import nibabel as nib
 import numpy as np
 
 from . import __version__
+from . import qc_checks as qcc
 from .batch import Batch, folder_lock
 from .bids import (NIFTI_EXTENSIONS, BidsName, ensure_dataset_description, iter_anat_files, sidecar_path,
                    split_extension, suffix_parts)
@@ -43,85 +49,132 @@ from .errors import InputError
 from .nifti import atomic_path, load_image, same_grid, to_rpi, voxel_volume_ml, write_json_atomic, write_text_atomic
 
 DEFAULT_SUFFIX = "_label-sacrum_seg"
+#: mask suffix by derivatives pipeline when --suffix is not given
+PIPELINE_SUFFIX = {"labels": "_label-sacrum_seg", "reg-labels": "_seg"}
 QC_PIPELINE = "qc-sacrum"
-FIG_SIZE_IN = (8.0, 4.5)
-FIG_DPI = 100
+FIG_SIZE_IN = (9.0, 6.0)
+FIG_DPI = 90
 #: (width, height) of every PNG in pixels
 PNG_SIZE = (int(FIG_SIZE_IN[0] * FIG_DPI), int(FIG_SIZE_IN[1] * FIG_DPI))
-MIN_COHORT = 4
+STRIP_SLICES = 7
+TOOL_NAME = "sacrum-masks"
 
+#: flag -> short label on the page
 FLAG_TEXT = {
-    "empty": "empty mask",
-    "volume_outlier": "volume outside cohort 1.5 IQR range",
-    "touches_border": "touches image border",
-    "no_sidecar": "no sidecar",
+    "error": "unreadable",
     "bad_sidecar": "sidecar unreadable",
+    "empty": "empty",
+    "volume_outlier": "volume outlier",
+    "extra_components": "extra components",
+    "touches_border": "touches S-I border",
+    "holes": "holes",
+    "asymmetry": "L-R asymmetry",
+    "position": "position",
+    "extent": "extent",
+    "fold_disagreement": "folds disagree",
+    "uncertain_boundary": "uncertain boundary",
+    "outside_fov": "label outside FOV",
+    "volume_change": "volume changed",
 }
 
+# --------------------------------------------------------------------------- sidecars
 
-# --------------------------------------------------------------------------- pure functions
 
+def sidecar_kind(sidecar: dict | None, readable: bool = True) -> str:
+    """``ours`` (stage 4 or 1 wrote it and nobody edited the mask since), ``manual`` or ``unreadable``.
 
-def mask_measures(mask: np.ndarray, voxel_ml: float) -> dict:
-    """Voxel count, volume, centroid and border contact of a mask (non-zero voxels).
+    A mask is a manual correction when it has no sidecar, or when its sidecar's last ``GeneratedBy`` entry
+    is not ours (spinalcordtoolbox/manual-correction appends ``{"Author", "Date"}`` to it).
 
-    Parameters
-    ----------
-    mask : ndarray, 3D
-        Any dtype; non-zero is inside.
-    voxel_ml : float
-        Volume of one voxel in mL.
-
-    Returns
-    -------
-    dict
-        ``voxels`` (int), ``volume_ml`` (float), ``centroid`` (voxel indices, float, or None when empty),
-        ``touches_border`` (bool).
-
-    >>> m = np.zeros((4, 5, 6), np.uint8); m[1:3, 1:3, 0] = 1
-    >>> r = mask_measures(m, 0.001)
-    >>> r["voxels"], round(r["volume_ml"], 6), r["centroid"], r["touches_border"]
-    (4, 0.004, [1.5, 1.5, 0.0], True)
+    >>> sidecar_kind({"GeneratedBy": [{"Name": "sacrum-masks"}]})
+    'ours'
+    >>> sidecar_kind({"GeneratedBy": [{"Name": "sacrum-masks"}, {"Author": "J. Doe", "Date": "2026"}]})
+    'manual'
+    >>> sidecar_kind(None), sidecar_kind(None, readable=False)
+    ('manual', 'unreadable')
     """
-    inside = np.asarray(mask) != 0
-    n = int(np.count_nonzero(inside))
-    touches = False
-    centroid = None
-    if n:
-        idx = np.nonzero(inside)
-        centroid = [float(np.mean(i)) for i in idx]
-        touches = any(int(i.min()) == 0 or int(i.max()) == s - 1 for i, s in zip(idx, inside.shape))
-    return {"voxels": n, "volume_ml": n * float(voxel_ml), "centroid": centroid, "touches_border": touches}
+    if not readable:
+        return "unreadable"
+    try:
+        last = sidecar["GeneratedBy"][-1]
+        return "ours" if isinstance(last, dict) and last.get("Name") == TOOL_NAME else "manual"
+    except (TypeError, KeyError, IndexError):
+        return "manual"
 
 
-def volume_range(volumes, k: float = 1.5, min_n: int = MIN_COHORT):
-    """``(Q1 - k IQR, Q3 + k IQR)`` of the volumes, or None for fewer than ``min_n`` values.
+def read_sidecar(mask: Path) -> tuple[dict | None, bool]:
+    """(sidecar dict or None, readable): a missing sidecar is readable (None), a broken one is not."""
+    side = sidecar_path(mask)
+    if not side.exists():
+        return None, True
+    data = read_json_object_or_none(side)
+    return data, data is not None
 
-    >>> volume_range([10, 11, 12, 13])
-    (8.5, 14.5)
-    >>> volume_range([10, 11]) is None
-    True
+
+def _num(d: dict | None, key: str) -> float | None:
+    v = (d or {}).get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+# --------------------------------------------------------------------------- one mask: measures
+
+
+def mask_measures(mask_rpi: np.ndarray, spacing, voxel_ml: float) -> dict:
+    """Every per-mask measure of an RPI-ordered mask (see :mod:`sacrum_masks.qc_checks`).
+
+    >>> m = np.zeros((6, 5, 6), np.uint8); m[1:5, 1:4, 0:3] = 1
+    >>> r = mask_measures(m, (1, 1, 1), 0.001)
+    >>> r["voxels"], r["volume_ml"], r["border"], r["holes"], r["asymmetry"]
+    (36, 0.036, [12, 0], 0, 0.0)
     """
-    v = np.asarray(list(volumes), dtype=float)
-    if v.size < min_n:
-        return None
-    q1, q3 = np.percentile(v, [25, 75])
-    iqr = q3 - q1
-    return (float(q1 - k * iqr), float(q3 + k * iqr))
+    fg = np.asarray(mask_rpi) != 0
+    n = int(np.count_nonzero(fg))
+    largest, _ = qcc.largest_share(fg)
+    pe = qcc.position_and_extent(fg, spacing)
+    cross = int(fg.sum(axis=(0, 1)).max()) if n else 0
+    centroid = [float(np.mean(i)) for i in np.nonzero(fg)] if n else None
+    return {"voxels": n, "volume_ml": round(n * float(voxel_ml), 6), "largest": largest,
+            "holes": qcc.hole_voxels(fg), "border": list(qcc.border_voxels(fg)), "cross_section": cross,
+            "asymmetry": round(1.0 - qcc.mirror_overlap(fg, spacing), 4) if n else 0.0,
+            "position": pe[0] if pe else None, "extent_mm": pe[1] if pe else None, "centroid": centroid}
 
 
-def qc_slices(image: np.ndarray, mask: np.ndarray, center) -> dict:
-    """Sagittal and coronal planes through ``center`` of RPI-ordered (L, A, S) arrays.
+def shape_checks(m: dict, voxel_ml: float, removed_ml: float = 0.0) -> list[qcc.Check]:
+    """The checks of one mask that need no cohort: empty, components, border, holes, asymmetry."""
+    checks = [qcc.check_empty(m["voxels"])]
+    if m["voxels"]:
+        checks += [qcc.check_components(m["largest"], m["voxels"], removed_ml, voxel_ml),
+                   qcc.check_border(m["border"][0], m["border"][1], m["cross_section"]),
+                   qcc.check_holes(m["holes"], m["voxels"]),
+                   qcc.check_asymmetry(1.0 - m["asymmetry"])]
+    return checks
 
-    Returns ``{"sagittal": (img2d, mask2d), "coronal": (img2d, mask2d)}``; each plane is indexed
-    ``[horizontal, vertical]``: sagittal ``[A, S]`` (axis 0 fixed), coronal ``[L, S]`` (axis 1 fixed).
 
-    >>> a = np.arange(24).reshape(2, 3, 4); s = qc_slices(a, a > 10, (1, 2, 0))
-    >>> s["sagittal"][0].shape, s["coronal"][0].shape, int(s["coronal"][0][0, 0])
-    ((3, 4), (2, 4), 8)
+def registration_checks(sidecar: dict | None) -> list[qcc.Check]:
+    """Stage 1's own figures: label outside the MRI FOV, volume change on the MRI grid.
+
+    >>> [c.reason for c in registration_checks({"FractionOutsideFOV": 0.2, "VolumeBeforeML": 100,
+    ...                                         "VolumeAfterML": 100})][0]
+    'label outside FOV: 20.0 % of the CT label is outside the MRI field of view'
     """
-    i, j = (int(np.clip(round(c), 0, n - 1)) for c, n in zip(center[:2], image.shape[:2]))
-    return {"sagittal": (image[i, :, :], mask[i, :, :]), "coronal": (image[:, j, :], mask[:, j, :])}
+    out = []
+    frac = _num(sidecar, "FractionOutsideFOV")
+    if frac is not None:
+        r = frac / qcc.T("fov_fraction")
+        out.append(qcc.Check("outside_fov", frac, min(r, qcc.RATIO_CAP),
+                             f"label outside FOV: {100 * frac:.1f} % of the CT label is outside the MRI field of view"
+                             if r > 1 else ""))
+    before, after = _num(sidecar, "VolumeBeforeML"), _num(sidecar, "VolumeAfterML")
+    if before and after is not None:
+        change = abs(after / before - 1.0)
+        r = change / qcc.T("volume_change")
+        out.append(qcc.Check("volume_change", round(change, 4), min(r, qcc.RATIO_CAP),
+                             f"volume changed by {100 * change:.1f} % on the MRI grid ({before:.1f} -> {after:.1f} mL)"
+                             if r > 1 else ""))
+    return out
+
+
+# --------------------------------------------------------------------------- pictures
 
 
 def _display_range(planes) -> tuple[float, float]:
@@ -134,66 +187,125 @@ def _display_range(planes) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def render_qc_png(image_rpi, image_data: np.ndarray, mask_data: np.ndarray, center, title: str, out: Path) -> Path:
-    """Draw the two QC slices (mask outline over image) into a PNG of :data:`PNG_SIZE` pixels.
+def qc_planes(image: np.ndarray, mask: np.ndarray, center) -> dict:
+    """Sagittal, coronal and axial planes through ``center`` of RPI arrays, each ``[horizontal, vertical]``.
 
-    ``image_rpi`` is the RPI-reoriented image (its affine gives the voxel sizes); ``image_data`` and
-    ``mask_data`` are its RPI-ordered arrays. Written atomically (temporary file + rename).
+    >>> a = np.arange(24).reshape(2, 3, 4); s = qc_planes(a, a > 10, (1, 2, 0))
+    >>> s["sagittal"][0].shape, s["coronal"][0].shape, s["axial"][0].shape, int(s["coronal"][0][0, 0])
+    ((3, 4), (2, 4), (2, 3), 8)
     """
-    # Agg canvas on a bare Figure: no pyplot, no global backend state, no display needed
+    i, j, k = (int(np.clip(round(c), 0, n - 1)) for c, n in zip(center, image.shape))
+    return {"sagittal": (image[i], mask[i]), "coronal": (image[:, j], mask[:, j]),
+            "axial": (image[:, :, k], mask[:, :, k])}
+
+
+def strip_indices(mask: np.ndarray, n: int = STRIP_SLICES) -> list[int]:
+    """``n`` sagittal slice indices spread across the mask's L-R extent (the middle of the FOV when empty).
+
+    >>> m = np.zeros((20, 2, 2)); m[4:15] = 1
+    >>> strip_indices(m, 3)
+    [5, 9, 13]
+    """
+    rows = np.nonzero(np.asarray(mask).any(axis=(1, 2)))[0]
+    lo, hi = (int(rows[0]), int(rows[-1])) if rows.size else (0, mask.shape[0] - 1)
+    return sorted({int(round(lo + (hi - lo) * (t + 0.5) / n)) for t in range(n)})
+
+
+def _draw(ax, img2d, m2d, dh, dv, lo, hi, labels, flip=False, title=None):
+    nh, nv = img2d.shape
+    ax.imshow(np.asarray(img2d, dtype=float).T, cmap="gray", origin="lower", extent=(0, nh * dh, 0, nv * dv),
+              vmin=lo, vmax=hi, interpolation="nearest", aspect="equal")
+    m2d = np.asarray(m2d) != 0
+    if m2d.any() and nh > 1 and nv > 1:
+        ax.contour((np.arange(nh) + 0.5) * dh, (np.arange(nv) + 0.5) * dv, m2d.T.astype(float), levels=[0.5],
+                   colors="red", linewidths=0.8)
+    if flip:
+        ax.invert_xaxis()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8, parse_math=False)
+    if labels:
+        ax.text(0.02, 0.5, labels[0], transform=ax.transAxes, color="yellow", fontsize=7, va="center")
+        ax.text(0.98, 0.5, labels[1], transform=ax.transAxes, color="yellow", fontsize=7, va="center", ha="right")
+
+
+def render_qc_png(image_rpi, image_data: np.ndarray, mask_data: np.ndarray, center, title: str, out: Path) -> Path:
+    """Draw the QC picture of one mask into a PNG of :data:`PNG_SIZE` pixels (written atomically).
+
+    Top row: sagittal, coronal and axial slices through ``center``; bottom row: :data:`STRIP_SLICES`
+    sagittal slices across the mask, cropped to the mask's box (+ 8 voxels). Outline in red.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     dx, dy, dz = (float(v) for v in nib.affines.voxel_sizes(image_rpi.affine))
-    planes = qc_slices(image_data, mask_data, center)
-    lo, hi = _display_range([planes["sagittal"][0], planes["coronal"][0]])
+    planes = qc_planes(image_data, mask_data, center)
+    lo, hi = _display_range([p[0] for p in planes.values()])
     fig = Figure(figsize=FIG_SIZE_IN, dpi=FIG_DPI)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    views = (("sagittal", dy, ("A", "P")), ("coronal", dx, ("R", "L")))
-    for ax, (view, dh, (left, right)) in zip(axes, views):
+    grid = fig.add_gridspec(2, STRIP_SLICES, height_ratios=[2.2, 1.0])
+    thirds = [(0, 2), (2, 5), (5, 7)]
+    views = (("sagittal", dy, dz, ("A", "P"), True), ("coronal", dx, dz, ("R", "L"), False),
+             ("axial", dx, dy, ("R", "L"), False))
+    for (a, b), (view, dh, dv, labels, flip) in zip(thirds, views):
         img2d, m2d = planes[view]
-        nh, nv = img2d.shape
-        extent = (0, nh * dh, 0, nv * dz)
-        ax.imshow(np.asarray(img2d, dtype=float).T, cmap="gray", origin="lower", extent=extent,
-                  vmin=lo, vmax=hi, interpolation="nearest", aspect="equal")
-        m2d = np.asarray(m2d) != 0
-        if m2d.any() and nh > 1 and nv > 1:
-            xs = (np.arange(nh) + 0.5) * dh
-            ys = (np.arange(nv) + 0.5) * dz
-            ax.contour(xs, ys, m2d.T.astype(float), levels=[0.5], colors="red", linewidths=1.0)
-        if view == "sagittal":
-            ax.invert_xaxis()  # anterior on the left
-        ax.set_title(view, fontsize=9, parse_math=False)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.text(0.01, 0.5, left, transform=ax.transAxes, color="yellow", fontsize=8, va="center")
-        ax.text(0.99, 0.5, right, transform=ax.transAxes, color="yellow", fontsize=8, va="center", ha="right")
+        _draw(fig.add_subplot(grid[0, a:b]), img2d, m2d, dh, dv, lo, hi, labels, flip, view)
+    fg = np.asarray(mask_data) != 0
+    box = np.argwhere(fg)
+    if box.size:
+        (_, j0, k0), (_, j1, k1) = box.min(axis=0), box.max(axis=0)
+    else:
+        j0, k0, j1, k1 = 0, 0, fg.shape[1] - 1, fg.shape[2] - 1
+    js = slice(max(j0 - 8, 0), j1 + 9)
+    ks = slice(max(k0 - 8, 0), k1 + 9)
+    for t, i in enumerate(strip_indices(fg)):
+        _draw(fig.add_subplot(grid[1, t]), image_data[i, js, ks], fg[i, js, ks], dy, dz, lo, hi, None, True,
+              f"x={i}")
     fig.suptitle(title, fontsize=9, parse_math=False)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.86, wspace=0.05)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.04, hspace=0.12)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=FIG_DPI, format="png")
     return out
 
 
-# --------------------------------------------------------------------------- one mask
+# --------------------------------------------------------------------------- items and entries
+
+
+@dataclass
+class QcItem:
+    """One mask to report: its files, its key and where its picture goes (relative to the report)."""
+
+    mask: Path
+    image: Path
+    key: str
+    png: str
+    dataset: str
+    image_key: str = ""
 
 
 @dataclass
 class QcEntry:
-    """What the report says about one mask (paths relative to the dataset root / the QC folder)."""
+    """What the report says about one mask."""
 
     mask: str
     image: str
     png: str | None
+    dataset: str
     subject: str
     session: str | None
     volume_ml: float | None = None
     voxels: int | None = None
     components_removed: int | None = None
-    sidecar_volume_ml: float | None = None
-    flags: list[str] = field(default_factory=list)
+    sidecar: str = "ours"
+    boundary_entropy: float | None = None
+    fold_dice: float | None = None
+    measures: dict = field(default_factory=dict)
+    checks: list = field(default_factory=list)
+    flags: list = field(default_factory=list)
+    reasons: list = field(default_factory=list)
+    score: float = 0.0
     error: str | None = None
     status: str = "written"
 
@@ -226,118 +338,223 @@ def image_for_mask(mask: Path, deriv_dir: Path, dataset: Path, suffix: str = DEF
     return folder / (stem + ".nii.gz")
 
 
-def read_sidecar(mask: Path) -> tuple[dict | None, str | None]:
-    """(sidecar dict, problem flag) for ``<mask stem>.json``: flag ``no_sidecar`` or ``bad_sidecar``."""
-    side = sidecar_path(mask)
-    if not side.is_file():
-        return None, "no_sidecar"
-    data = read_json_object_or_none(side)
-    return (data, None) if data is not None else (None, "bad_sidecar")
+def png_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's header, None when it is not a PNG (a picture from another layout is redrawn)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError:
+        return None
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def qc_one(mask_path: Path, image_path: Path, png_path: Path, *, force: bool = False) -> tuple[dict, bool]:
-    """Measure one mask and draw its PNG (unless the PNG is newer than mask and image and not ``force``).
+def _png_name(mask: Path) -> str:
+    return split_extension(mask.name)[0] + ".png"
 
-    Returns (measures from :func:`mask_measures`, whether the PNG was drawn). Raises InputError for an
-    unreadable mask or image, or a mask that is not on its image's grid.
+
+def items_from_derivatives(deriv_dir: Path, suffix: str | None = None) -> tuple[list[QcItem], Path, str]:
+    """(items, the folder holding the dataset, suffix) for a derivatives folder's masks."""
+    deriv_dir = Path(deriv_dir)
+    dataset = dataset_root_of(deriv_dir)
+    suffix = suffix or PIPELINE_SUFFIX.get(deriv_dir.resolve().name, DEFAULT_SUFFIX)
+    root = dataset.parent
+    items = []
+    for mask in find_masks(deriv_dir, suffix):
+        rel_dir = mask.parent.resolve().relative_to(deriv_dir.resolve())
+        key = (mask.parent.resolve() / mask.name).relative_to(root).as_posix()
+        image = image_for_mask(mask, deriv_dir, dataset, suffix)
+        items.append(QcItem(mask, image, key, (rel_dir / _png_name(mask)).as_posix(), dataset.name,
+                            image.relative_to(root).as_posix()))
+    if not items:
+        raise InputError(deriv_dir, f"no masks sub-*/[ses-*/]anat/*{suffix}.nii.gz found (an empty cohort)")
+    return items, root, suffix
+
+
+def items_from_config(config_path: Path, datasets_path: Path | None = None) -> tuple[list[QcItem], Path]:
+    """(items, DATASETS_PATH) for every entry of a TYPE LABEL split config (all splits)."""
+    from .config import SPLIT_KEYS, image_from_label, load_config
+
+    config = load_config(config_path, datasets_path, check_exists=False)
+    if config.get("TYPE") != "LABEL":
+        raise InputError(config_path, "QC of a config needs TYPE LABEL (a list of masks)")
+    root = config["DATASETS_PATH"]
+    items = []
+    for key in SPLIT_KEYS:
+        for label in config[key]:
+            rel = Path(label).relative_to(root)
+            image = image_from_label(label)
+            items.append(QcItem(Path(label), image, rel.as_posix(), (rel.parent / _png_name(Path(label))).as_posix(),
+                                rel.parts[0], image.relative_to(root).as_posix()))
+    if not items:
+        raise InputError(config_path, "lists no masks (an empty cohort)")
+    return items, root
+
+
+def qc_output_dir(*, deriv_dir: Path | None = None, config: Path | None = None, out_dir: Path | None = None) -> Path:
+    """Where a report goes, checked: ``--out`` when given, else the default for the source.
+
+    Defaults: ``<dataset>/derivatives/qc-sacrum`` for ``derivatives/labels``,
+    ``<dataset>/derivatives/qc-sacrum-<pipeline>`` for another pipeline (``qc-sacrum-reg-labels``),
+    ``<config folder>/<config stem>_qc`` for a config. The folder may not be the derivatives folder or a
+    dataset. (The one place that decides the folder: its BIDS files are added here too.)
     """
-    mask_img, mask_data = load_image(mask_path)
-    image_img, image_data = load_image(image_path)
+    if deriv_dir is not None:
+        dataset = dataset_root_of(deriv_dir)
+        name = Path(deriv_dir).resolve().name
+        default = dataset / "derivatives" / (QC_PIPELINE if name == "labels" else f"{QC_PIPELINE}-{name}")
+        forbidden = {Path(deriv_dir).resolve(), dataset}
+    else:
+        config = Path(config)
+        default = config.resolve().parent / f"{config.stem}_qc"
+        forbidden = set()
+    out = Path(out_dir) if out_dir is not None else default
+    if out.resolve() in forbidden:
+        raise InputError(out, "the QC folder must not be the derivatives folder or the dataset itself")
+    return out
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create the report folder and its ``dataset_description.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dataset_description(out_dir, name="Sacrum mask QC",
+                               description="qc: pictures, plausibility checks and review page of sacrum masks")
+
+
+def measure_item(item: QcItem, out_dir: Path, *, force: bool = False) -> tuple[QcEntry, bool]:
+    """Load, measure and draw one mask; InputError for an unreadable mask or image, or another grid.
+
+    Returns (entry with per-mask checks, whether the PNG was drawn).
+    """
+    bn = BidsName.parse(item.mask)
+    entry = QcEntry(mask=item.key, image=item.image_key, png=None, dataset=item.dataset, subject=bn.sub,
+                    session=bn.ses)
+    sidecar, readable = read_sidecar(item.mask)
+    entry.sidecar = sidecar_kind(sidecar, readable)
+    cr = (sidecar or {}).get("ComponentsRemoved")
+    entry.components_removed = cr if isinstance(cr, int) and not isinstance(cr, bool) else None
+    entry.boundary_entropy = _num(sidecar, "BoundaryEntropy")
+    entry.fold_dice = _num(sidecar, "FoldAgreementDice")
+    if not item.image.is_file():
+        raise InputError(item.image, "no such file (the image of this mask)")
+    mask_img, mask_data = load_image(item.mask)
+    image_img, image_data = load_image(item.image)
     if not same_grid(mask_img, image_img):
-        raise InputError(mask_path, f"not on the grid of its image {image_path.name} "
+        raise InputError(item.mask, f"not on the grid of its image {item.image.name} "
                                     f"(shape {mask_img.shape} vs {image_img.shape} or affine differs)")
-    measures = mask_measures(mask_data, voxel_volume_ml(mask_img))
-    up_to_date = (png_path.is_file() and not force
-                  and png_path.stat().st_mtime >= max(mask_path.stat().st_mtime, image_path.stat().st_mtime))
-    if up_to_date:
-        return measures, False
+    voxel_ml = voxel_volume_ml(mask_img)
+    mask_rpi = np.asanyarray(to_rpi(mask_img, (np.asarray(mask_data) != 0).astype(np.uint8)).dataobj)
     img_rpi = to_rpi(image_img, image_data)
-    mask_rpi = np.asanyarray(to_rpi(mask_img, mask_data).dataobj)
-    data_rpi = np.asanyarray(img_rpi.dataobj)
-    m = mask_measures(mask_rpi, 1.0)
-    center = m["centroid"] if m["centroid"] is not None else [(s - 1) / 2 for s in data_rpi.shape]
-    bn = BidsName.parse(mask_path)
-    who = f"sub-{bn.sub}" + (f" ses-{bn.ses}" if bn.ses else "")
-    vol = f"{measures['volume_ml']:.2f} mL" if measures["voxels"] else "EMPTY mask"
-    title = f"{who} | {image_path.name} | {vol}"
-    render_qc_png(img_rpi, data_rpi, mask_rpi, center, title, png_path)
-    return measures, True
+    spacing = tuple(float(v) for v in nib.affines.voxel_sizes(img_rpi.affine))
+    m = mask_measures(mask_rpi, spacing, voxel_ml)
+    entry.measures = {k: v for k, v in m.items() if k != "centroid"}
+    entry.voxels, entry.volume_ml = m["voxels"], m["volume_ml"]
+    removed_ml = _num(sidecar, "VolumeRemovedML") or 0.0
+    checks = shape_checks(m, voxel_ml, removed_ml) + registration_checks(sidecar)
+    checks.append(qcc.check_fold_agreement(entry.fold_dice))
+    if not readable:
+        checks.append(qcc.Check("bad_sidecar", None, qcc.RATIO_CAP,
+                                f"sidecar {sidecar_path(item.mask).name} is not readable JSON"))
+    entry.checks = checks
+    png = out_dir / item.png
+    up_to_date = (png.is_file() and not force and png_size(png) == PNG_SIZE
+                  and png.stat().st_mtime >= max(item.mask.stat().st_mtime, item.image.stat().st_mtime))
+    if not up_to_date:
+        center = m["centroid"] or [(s - 1) / 2 for s in mask_rpi.shape]
+        who = f"sub-{bn.sub}" + (f" ses-{bn.ses}" if bn.ses else "")
+        vol = f"{m['volume_ml']:.2f} mL" if m["voxels"] else "EMPTY mask"
+        render_qc_png(img_rpi, np.asanyarray(img_rpi.dataobj), mask_rpi, center,
+                      f"{who} | {item.image.name} | {vol}", png)
+    entry.png = item.png
+    return entry, not up_to_date
 
 
-# --------------------------------------------------------------------------- report
+def cohort_checks(entries: list[QcEntry]) -> None:
+    """Add the cohort checks (volume, position, extent, boundary entropy), per dataset, then flags and score."""
+    groups: dict[str, list[QcEntry]] = {}
+    for en in entries:
+        if en.error is None and en.voxels:
+            groups.setdefault(en.dataset, []).append(en)
+    for group in groups.values():
+        limits = qcc.volume_limits([en.volume_ml for en in group])
+        pos = qcc.cohort_stats([en.measures["position"] for en in group], qcc.T("position_floor"))
+        ext = qcc.cohort_stats([en.measures["extent_mm"] for en in group], qcc.T("extent_floor"), log=True)
+        ents = [en.boundary_entropy for en in group if en.boundary_entropy is not None]
+        ent = (qcc.robust_center_spread(ents, qcc.T("entropy_floor"))
+               if len(ents) >= qcc.T("min_cohort") else None)
+        for en in group:
+            en.checks += [qcc.check_volume(en.volume_ml, limits),
+                          qcc.check_position(en.measures["position"], pos),
+                          qcc.check_extent(en.measures["extent_mm"], ext),
+                          qcc.check_entropy(en.boundary_entropy, ent)]
+    for en in entries:
+        failed = [c for c in en.checks if c.failed]
+        en.flags = (["error"] if en.error else []) + [c.flag for c in failed]
+        en.reasons = ([en.error] if en.error else []) + [c.reason for c in failed]
+        en.score = qcc.score(en.checks, error=en.error is not None)
+        en.checks = [asdict(c) for c in en.checks]
 
 
-def _rel_url(path: str) -> str:
-    return "/".join(quote(p) for p in path.split("/"))
+def run_report(items: list[QcItem], root: Path, out_dir: Path, *, title: str, source: str, suffix: str,
+               force: bool = False, command_line: str | None = None,
+               batch: Batch | None = None) -> tuple[list[QcEntry], Path]:
+    """Write the report of a list of masks: PNGs, ``qc.json``, ``index.html``. One line per mask in ``batch``."""
+    from .qc_page import build_index_html
+
+    batch = batch or Batch("qc")
+    command_line = command_line or shlex.join(["sacrum-masks", *sys.argv[1:]])
+    gen = {"Name": "sacrum-masks qc", "Version": __version__, "CommandLine": command_line,
+           "Date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    entries: list[QcEntry] = []
+    prepare_output_dir(out_dir)
+    with folder_lock(out_dir, name=".sacrum-masks-qc.lock"):
+        for item in items:
+            try:
+                entry, drawn = measure_item(item, out_dir, force=force)
+            except InputError as exc:
+                bn = BidsName.parse(item.mask)
+                entry = QcEntry(mask=item.key, image=item.image_key, png=None, dataset=item.dataset,
+                                subject=bn.sub, session=bn.ses, error=str(exc), status="failed")
+                (out_dir / item.png).unlink(missing_ok=True)
+                batch.report(item.key, "failed", str(exc))
+                entries.append(entry)
+                continue
+            if entry.sidecar == "unreadable":
+                batch.report(item.key, "failed", f"{sidecar_path(item.mask)}: sidecar is not readable JSON "
+                                                 "(the mask is still in the report)")
+            entry.status = "written" if drawn else "up to date"
+            if entry.sidecar != "unreadable":
+                batch.report(item.key, entry.status)
+            entries.append(entry)
+        cohort_checks(entries)
+        entries.sort(key=lambda en: (-en.score, en.mask))
+        flagged = sum(1 for en in entries if en.flags)
+        counts = {"masks": len(entries), "written": batch.counts.get("written", 0),
+                  "up_to_date": batch.counts.get("up to date", 0), "failed": batch.counts.get("failed", 0),
+                  "flagged": flagged}
+        meta = {"GeneratedBy": gen, "title": title, "source": source, "root": str(root), "suffix": suffix,
+                "report_id": f"{root}|{source}", "counts": counts, "png_size": list(PNG_SIZE),
+                "flags": FLAG_TEXT,
+                "thresholds": {k: v[0] for k, v in qcc.THRESHOLDS.items()}}
+        records = [asdict(en) for en in entries]
+        write_json_atomic({**meta, "masks": records}, out_dir / "qc.json")
+        index = write_text_atomic(build_index_html(records, meta), out_dir / "index.html")
+    return entries, index
 
 
-def build_index_html(entries: list[QcEntry], meta: dict) -> str:
-    """The report page: one row per mask (picture, volume, components removed, flags). All text escaped,
-    links relative (URL-quoted), no network resources."""
-    e = html.escape
-    counts = meta.get("counts", {})
-    rows = []
-    for i, en in enumerate(entries, 1):
-        flags = "".join(f'<span class="flag">{e(FLAG_TEXT.get(f, f))}</span> ' for f in en.flags)
-        if en.error:
-            flags += f'<span class="flag err">{e(en.error)}</span>'
-        pic = (f'<a href="{e(_rel_url(en.png))}"><img src="{e(_rel_url(en.png))}" width="{PNG_SIZE[0] // 2}" '
-               f'height="{PNG_SIZE[1] // 2}" alt="{e(en.mask)}"></a>' if en.png else "no picture")
-        vol = "" if en.volume_ml is None else f"{en.volume_ml:.2f}"
-        comp = "n/a" if en.components_removed is None else str(en.components_removed)
-        cls = ' class="flagged"' if (en.flags or en.error) else ""
-        rows.append(
-            f'<tr{cls}><td>{i}</td><td>{pic}</td><td class="name">{e(en.mask)}<br><small>image: {e(en.image)}</small>'
-            f"</td><td>{e('sub-' + en.subject)}{e(' ses-' + en.session) if en.session else ''}</td>"
-            f'<td class="num">{vol}</td><td class="num">{e(comp)}</td><td>{flags or "ok"}</td></tr>')
-    rng = meta.get("volume_range_ml")
-    rng_text = (f"{rng[0]:.2f} to {rng[1]:.2f} mL" if rng else
-                f"not evaluated (fewer than {MIN_COHORT} non-empty masks)")
-    gen = meta["GeneratedBy"]
-    summary = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>Sacrum mask QC: {e(meta['dataset_name'])}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1em; }}
-table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; }}
-td.num {{ text-align: right; font-family: monospace; }}
-td.name {{ font-family: monospace; word-break: break-all; max-width: 28em; }}
-tr.flagged {{ background: #fff3f0; }}
-.flag {{ display: inline-block; background: #d9534f; color: white; border-radius: 3px; padding: 1px 4px; margin: 1px; }}
-.flag.err {{ background: #6f42c1; }}
-</style></head><body>
-<h1>Sacrum mask QC: {e(meta['dataset_name'])}</h1>
-<p>{len(entries)} masks in <code>{e(meta['derivatives'])}</code>; {e(summary)}.<br>
-Cohort volume range (1.5 IQR): {e(rng_text)}.<br>
-Generated by {e(gen['Name'])} {e(gen['Version'])} on {e(gen['Date'])}: <code>{e(gen['CommandLine'])}</code></p>
-<table>
-<tr><th>#</th><th>sagittal | coronal</th><th>mask</th><th>subject</th><th>volume (mL)</th>
-<th>components removed</th><th>flags</th></tr>
-{chr(10).join(rows)}
-</table>
-</body></html>
-"""
-
-
-def default_out_dir(deriv_dir: Path) -> Path:
-    """``<dataset>/derivatives/qc-sacrum``."""
-    return dataset_root_of(deriv_dir) / "derivatives" / QC_PIPELINE
-
-
-def run_qc(deriv_dir, out_dir=None, *, suffix: str = DEFAULT_SUFFIX, force: bool = False,
+def run_qc(deriv_dir, out_dir=None, *, suffix: str | None = None, force: bool = False,
            command_line: str | None = None, batch: Batch | None = None) -> tuple[list[QcEntry], Path]:
-    """Write the QC report of a derivatives folder: PNGs, ``index.html``, ``qc.json``.
+    """The report of a derivatives folder (``labels``: stage 4; ``reg-labels``: stage 1).
 
     Parameters
     ----------
     deriv_dir : path-like
         ``<dataset>/derivatives/<pipeline>`` holding the masks.
     out_dir : path-like, optional
-        Report folder (default :func:`default_out_dir`). Must not be the derivatives folder or the dataset.
-    suffix : str
-        Mask name suffix (before the extension).
+        Report folder (default :func:`qc_output_dir`).
+    suffix : str, optional
+        Mask name suffix (default by pipeline: :data:`PIPELINE_SUFFIX`).
     force : bool
         Redraw every PNG (otherwise a PNG newer than its mask and image is kept).
     command_line : str, optional
@@ -347,91 +564,55 @@ def run_qc(deriv_dir, out_dir=None, *, suffix: str = DEFAULT_SUFFIX, force: bool
 
     Returns
     -------
-    (list of QcEntry, Path of index.html)
+    (list of QcEntry, worst first; Path of index.html)
     """
     deriv_dir = Path(deriv_dir)
-    dataset = dataset_root_of(deriv_dir)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(deriv_dir)
-    if out_dir.resolve() in (deriv_dir.resolve(), dataset):
-        raise InputError(out_dir, "the QC folder must not be the derivatives folder or the dataset itself")
-    batch = batch or Batch("qc")
-    masks = find_masks(deriv_dir, suffix)
-    if not masks:
-        raise InputError(deriv_dir, f"no masks sub-*/[ses-*/]anat/*{suffix}.nii.gz found")
-    command_line = command_line or shlex.join(["sacrum-masks", *sys.argv[1:]])
-    gen = {"Name": "sacrum-masks qc", "Version": __version__, "CommandLine": command_line,
-           "Date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    entries: list[QcEntry] = []
-    with folder_lock(out_dir, name=".sacrum-masks-qc.lock"):
-        ensure_dataset_description(out_dir, name="Sacrum mask QC",
-                                   description="qc: PNG views and volume checks of sacrum masks")
-        for mask in masks:
-            # the folder resolved, not the file: a mask that is a link loop is reported by qc_one
-            rel_mask = (mask.parent.resolve() / mask.name).relative_to(dataset).as_posix()
-            image = image_for_mask(mask, deriv_dir, dataset, suffix)
-            rel_dir = mask.parent.resolve().relative_to(deriv_dir.resolve())
-            png = out_dir / rel_dir / (split_extension(mask.name)[0] + ".png")
-            bn = BidsName.parse(mask)
-            try:
-                rel_image = (image.parent.resolve() / image.name).relative_to(dataset).as_posix()
-            except ValueError:
-                rel_image = str(image)
-            entry = QcEntry(mask=rel_mask, image=rel_image, png=None, subject=bn.sub, session=bn.ses)
-            sidecar, side_flag = read_sidecar(mask)
-            if side_flag:
-                entry.flags.append(side_flag)
-            if sidecar is not None:
-                cr, sv = sidecar.get("ComponentsRemoved"), sidecar.get("VolumeML")
-                entry.components_removed = cr if isinstance(cr, int) and not isinstance(cr, bool) else None
-                is_num = isinstance(sv, (int, float)) and not isinstance(sv, bool)
-                entry.sidecar_volume_ml = float(sv) if is_num else None
-            try:
-                measures, drawn = qc_one(mask, image, png, force=force)
-            except InputError as exc:
-                entry.error, entry.status = str(exc), "failed"
-                png.unlink(missing_ok=True)
-                batch.report(rel_mask, "failed", str(exc))
-                entries.append(entry)
-                continue
-            entry.png = png.relative_to(out_dir).as_posix()
-            entry.voxels, entry.volume_ml = measures["voxels"], measures["volume_ml"]
-            if measures["voxels"] == 0:
-                entry.flags.insert(0, "empty")
-            if measures["touches_border"]:
-                entry.flags.append("touches_border")
-            entry.status = "written" if drawn else "up to date"
-            batch.report(rel_mask, entry.status)
-            entries.append(entry)
-        rng = volume_range(en.volume_ml for en in entries if en.voxels)
-        for en in entries:
-            if rng and en.voxels and not (rng[0] <= en.volume_ml <= rng[1]):
-                en.flags.insert(1 if "empty" in en.flags else 0, "volume_outlier")
-        flagged = sum(1 for en in entries if en.flags and not en.error)
-        counts = {"written": batch.counts.get("written", 0), "up_to_date": batch.counts.get("up to date", 0),
-                  "failed": batch.counts.get("failed", 0), "flagged": flagged}
-        meta = {"GeneratedBy": gen, "dataset_name": dataset.name,
-                "derivatives": deriv_dir.resolve().relative_to(dataset).as_posix(),
-                "suffix": suffix, "volume_range_ml": list(rng) if rng else None, "counts": counts}
-        write_json_atomic({**meta, "png_size": list(PNG_SIZE), "flags": FLAG_TEXT,
-                           "masks": [vars(en) for en in entries]}, out_dir / "qc.json")
-        index = write_text_atomic(build_index_html(entries, meta), out_dir / "index.html")
-    return entries, index
+    out = qc_output_dir(deriv_dir=deriv_dir, out_dir=Path(out_dir) if out_dir is not None else None)
+    items, root, suffix = items_from_derivatives(deriv_dir, suffix)
+    source = deriv_dir.resolve().relative_to(root).as_posix()
+    kind = "registration QC (stage 1)" if deriv_dir.resolve().name == "reg-labels" else "masks"
+    return run_report(items, root, out, title=f"{source} ({kind})", source=source, suffix=suffix, force=force,
+                      command_line=command_line, batch=batch)
+
+
+def run_qc_config(config, out_dir=None, *, datasets_path=None, force: bool = False,
+                  command_line: str | None = None, batch: Batch | None = None) -> tuple[list[QcEntry], Path]:
+    """The report of a training config's masks (TYPE LABEL, every split)."""
+    config = Path(config)
+    out = qc_output_dir(config=config, out_dir=Path(out_dir) if out_dir is not None else None)
+    items, root = items_from_config(config, datasets_path)
+    return run_report(items, root, out, title=f"config {config.name}", source=str(config.resolve()),
+                      suffix="", force=force, command_line=command_line, batch=batch)
 
 
 @click.command("qc")
-@click.argument("deriv_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("deriv_dir", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Report on the masks of a training config (TYPE LABEL) instead of a derivatives folder.")
+@click.option("--datasets-path", type=click.Path(file_okay=False, path_type=Path), envvar="DATASETS_PATH",
+              default=None, help="Overrides the config's DATASETS_PATH.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder (default: <dataset>/derivatives/qc-sacrum).")
-@click.option("--suffix", default=DEFAULT_SUFFIX, show_default=True, help="Mask name suffix before .nii.gz.")
+              help="Report folder (default: <dataset>/derivatives/qc-sacrum; qc-sacrum-reg-labels for stage 1; "
+                   "<config>_qc beside a config).")
+@click.option("--suffix", default=None,
+              help="Mask name suffix before .nii.gz [default: _label-sacrum_seg; _seg in reg-labels].")
 @click.option("--force", is_flag=True, help="Redraw every picture.")
-def qc_command(deriv_dir: Path, out_dir: Path | None, suffix: str, force: bool):
-    """QC report for the masks of DERIV_DIR (<dataset>/derivatives/labels): one PNG per mask, index.html, qc.json.
+def qc_command(deriv_dir: Path | None, config: Path | None, datasets_path: Path | None, out_dir: Path | None,
+               suffix: str | None, force: bool):
+    """QC report of DERIV_DIR (<dataset>/derivatives/labels or reg-labels) or of --config's masks.
 
-    Flags: empty mask, volume outside the cohort's 1.5 IQR range, mask touching the image border,
-    no sidecar. Re-running redraws only pictures older than their mask or image (--force: all).
+    Checks each mask (empty, volume, extra components, S-I border, holes, left-right asymmetry, position and
+    extent against the cohort, fold agreement and boundary entropy from the sidecar), draws it, and writes
+    index.html (ranked worst first, review marks, YAML/TSV export) and qc.json. Re-running redraws only
+    pictures older than their mask or image (--force: all).
     """
+    if (deriv_dir is None) == (config is None):
+        raise click.UsageError("give a derivatives folder or --config, not both")
     batch = Batch("qc")
-    entries, index = run_qc(deriv_dir, out_dir, suffix=suffix, force=force, batch=batch)  # LockBusy: exit 75 (cli)
+    if config is not None:
+        entries, index = run_qc_config(config, out_dir, datasets_path=datasets_path, force=force, batch=batch)
+    else:
+        entries, index = run_qc(deriv_dir, out_dir, suffix=suffix, force=force, batch=batch)
     flagged = sum(1 for en in entries if en.flags)
     click.echo(batch.summary(["written", "up to date", "failed"]) + f" ({flagged} flagged); report: {index}")
     sys.exit(batch.exit_code)
