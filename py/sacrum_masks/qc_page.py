@@ -71,7 +71,7 @@ body { font-family: sans-serif; margin: 1em; }
 table { border-collapse: collapse; }
 td, th { border: 1px solid #ccc; padding: 4px; vertical-align: top; }
 td.num { text-align: right; font-family: monospace; }
-td.name { font-family: monospace; word-break: break-all; max-width: 24em; }
+td.name { font-family: monospace; word-break: break-all; min-width: 16em; max-width: 26em; }
 tr.flagged { background: #fff3f0; }
 tr.selected { outline: 3px solid #1e90ff; }
 tr[data-decision="pass"] td.review { background: #d4edda; }
