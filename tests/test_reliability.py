@@ -181,12 +181,12 @@ def test_register_and_qc_scripts_quote_hostile_paths(demo1, tmp_path):
     assert p.returncode == 0, p.stderr
     assert "qc: 2 written, 0 up to date, 0 failed" in p.stdout
     new = sorted(all_paths(tmp_path) - before)
-    allowed = [f"w d$HOME/{n}/derivatives/{d}" for n in ("-ds", "sp ace $HOME") for d in ("reg-labels", "qc-sacrum")]
+    allowed = [f"w d$HOME/{n}/derivatives/{d}" for n in ("-ds", "sp ace $HOME") for d in ("reg-labels", "qc-sacrum-reg-labels")]
     assert [p for p in new if not any(p == a or p.startswith(a + "/") for a in allowed)] == []
     for n in ("-ds", "sp ace $HOME"):
         for c in ("T1w", "T2w"):
             assert (base / n / REG / f"sub-01/anat/sub-01_{c}_seg.nii.gz").is_file()
-    assert (base / "-ds/derivatives/qc-sacrum/sub-01/anat/sub-01_T2w_seg.png").is_file()
+    assert (base / "-ds/derivatives/qc-sacrum-reg-labels/sub-01/anat/sub-01_T2w_seg.png").is_file()
 
 
 # ------------------------------------------------------------------------------ 2. a corpus of bad inputs

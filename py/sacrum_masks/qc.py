@@ -204,7 +204,7 @@ def strip_indices(mask: np.ndarray, n: int = STRIP_SLICES) -> list[int]:
 
     >>> m = np.zeros((20, 2, 2)); m[4:15] = 1
     >>> strip_indices(m, 3)
-    [5, 9, 13]
+    [6, 9, 12]
     """
     rows = np.nonzero(np.asarray(mask).any(axis=(1, 2)))[0]
     lo, hi = (int(rows[0]), int(rows[-1])) if rows.size else (0, mask.shape[0] - 1)
