@@ -78,6 +78,20 @@ def contrasts_code(contrasts) -> str:
         raise InputError("contrasts", f"{'+'.join(key) or 'none'} is not a set of the CONTRASTS table ({table})") from None
 
 
+def label_suffix(bn: BidsName) -> tuple[str, ...] | None:
+    """The :data:`LABEL_SUFFIXES` entry that ends ``bn`` (after at least one other part), else None.
+
+    >>> label_suffix(BidsName.parse("sub-01_T2w_label-sacrum_seg.nii.gz"))
+    ('label-sacrum', 'seg')
+    >>> label_suffix(BidsName.parse("sub-01_T2w.nii.gz")) is None
+    True
+    """
+    for suffix in LABEL_SUFFIXES:
+        if bn.parts[-len(suffix):] == suffix and len(bn.parts) > len(suffix):
+            return suffix
+    return None
+
+
 def image_from_label(label: str | Path) -> Path:
     """The image of a label file: drop ``derivatives/<name>/`` and the label suffix.
 
@@ -90,12 +104,10 @@ def image_from_label(label: str | Path) -> Path:
     """
     label = Path(label)
     bn = BidsName.parse(label)
-    for suffix in LABEL_SUFFIXES:
-        if bn.parts[-len(suffix):] == suffix and len(bn.parts) > len(suffix):
-            image_name = bn.drop_suffix(*suffix).name
-            break
-    else:
+    suffix = label_suffix(bn)
+    if suffix is None:
         raise InputError(label, "not a label file name (expected <image stem>_seg or _label-sacrum_seg)")
+    image_name = bn.drop_suffix(*suffix).name
     parts = label.parent.parts
     idx = [i for i, p in enumerate(parts) if p == "derivatives"]
     if not idx or idx[-1] + 2 > len(parts):
@@ -504,6 +516,6 @@ def relative_entry(config: dict, full: Path) -> str:
     return Path(full).relative_to(config["DATASETS_PATH"]).as_posix()
 
 
-__all__ = ["CONTRASTS", "LABEL_SUFFIXES", "check_fractions", "contrasts_code", "dataset_dir", "entry_path",
+__all__ = ["CONTRASTS", "LABEL_SUFFIXES", "label_suffix", "check_fractions", "contrasts_code", "dataset_dir", "entry_path",
            "expand_vars", "image_from_label", "init_config_command", "load_config", "make_config",
            "relative_entry", "resolve_datasets_path", "split_entries", "subject_key"]

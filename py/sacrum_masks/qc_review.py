@@ -61,13 +61,12 @@ def read_review(path: Path) -> list[dict]:
 
 
 def _suffix_of(name: str) -> tuple[str, ...]:
-    from .config import LABEL_SUFFIXES
+    from .config import label_suffix
 
-    parts = BidsName.parse(name).parts
-    for suffix in LABEL_SUFFIXES:
-        if parts[-len(suffix):] == suffix and len(parts) > len(suffix):
-            return suffix
-    raise InputError(name, "not a label file name (expected <image stem>_seg or _label-sacrum_seg)")
+    suffix = label_suffix(BidsName.parse(name))
+    if suffix is None:
+        raise InputError(name, "not a label file name (expected <image stem>_seg or _label-sacrum_seg)")
+    return suffix
 
 
 def is_manual(mask: Path) -> bool:
