@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sacrum_masks import predict
+from sacrum_masks import derivatives, predict
 from sacrum_masks.batch import folder_lock
 from sacrum_masks.device import check_device, cuda_selection, device_problem
 from sacrum_masks.errors import InputError
@@ -233,14 +233,14 @@ def test_unreadable_image_is_one_failure_line(tmp_path, capsys, monkeypatch):
     """
     ds = small_dataset(tmp_path)
     bad = ds / "sub-03" / "anat" / "sub-03_T2w.nii.gz"
-    real_sha = predict.sha256_file
+    real_sha = derivatives.sha256_file
 
     def sha(path, *args, **kw):
         if Path(path) == bad:
             raise PermissionError(13, "Permission denied", str(path))
         return real_sha(path, *args, **kw)
 
-    monkeypatch.setattr(predict, "sha256_file", sha)
+    monkeypatch.setattr(derivatives, "sha256_file", sha)   # the writer checksums the inputs
     assert run_predict(select_items(items_from_bids(ds)), Settings(fake_model_dir(tmp_path)),
                        model_factory=Loads()) == 1
     captured = capsys.readouterr()
@@ -347,15 +347,21 @@ def test_batch_writes_then_nothing_then_force(tmp_path, capsys):
         np.testing.assert_allclose(out.get_qform(), img.affine, atol=1e-4)
         np.testing.assert_allclose(out.get_sform(), img.affine, atol=1e-4)
         side = json.loads(mask_of(ds, rel).with_name(mask_of(ds, rel).name.replace(".nii.gz", ".json")).read_text())
-        assert side["SpatialReference"] == "orig" and side["Sources"] == [f"bids::{rel}"]
-        assert side["InputSHA256"] == sha256_file(ds / rel)
+        assert side["SpatialReference"] == "orig" and side["Sources"] == [f"bids:raw:{rel}"]
+        assert side["SourcesSHA256"] == {f"bids:raw:{rel}": sha256_file(ds / rel)}
+        assert side["Settings"] == {"Fold": 0, "Checkpoint": "best", "CheckpointSHA256": sha256_file(
+            settings.model_dir / "fold_0" / "checkpoint_best.pth"), "TileStepSize": 0.5, "Mirroring": False,
+            "LargestComponent": 26}
         assert side["VoxelCount"] == 5 * 7 * 5 and side["ComponentsRemoved"] == 1 and side["Empty"] is False
         assert side["VolumeML"] == pytest.approx(175 * 0.9 * 1.1 * 2.5 / 1000, abs=1e-4)
-        gen = side["GeneratedBy"][0]
+        gen = side["GeneratedBy"][-1]
         assert gen["Name"] == "sacrum-masks" and gen["Fold"] == 0 and gen["Checkpoint"] == "best"
         assert {"Version", "Date", "Model", "nnunetv2", "torch", "CheckpointSHA256"} <= set(gen)
     desc = json.loads((ds / "derivatives" / "labels" / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "sacrum-masks"
+    assert desc["DatasetLinks"] == {"raw": "../.."}   # relative: a moved data root keeps it valid
+    assert (ds / "derivatives" / "labels" / "README").is_file()
+    assert "*_label-sacrum_seg.*" in (ds / "derivatives" / "labels" / ".bidsignore").read_text().splitlines()
 
     # second run: nothing written, the model is not even loaded
     def outputs():   # every file but the lock (which records the pid of its holder)
@@ -499,7 +505,7 @@ def test_interrupted_rewrite_is_redone_not_kept(tmp_path, capsys):
     # a rewrite killed after the new mask: old sidecar (another input checksum) with the new mask
     m3 = mask_of(ds, "sub-03/anat/sub-03_T2w.nii.gz")
     s3 = m3.with_name(m3.name.replace(".nii.gz", ".json"))
-    s3.write_text(json.dumps({**json.loads(s3.read_text()), "InputSHA256": "0" * 64}))
+    s3.write_text(json.dumps({**json.loads(s3.read_text()), "SourcesSHA256": {"bids:raw:x": "0" * 64}}))
     # a temporary file left by a kill during a write
     (m.parent / f".{m.name}.abc123.tmp.nii.gz").write_bytes(b"partial")
     capsys.readouterr()
@@ -561,7 +567,7 @@ def test_script_default_model_follows_the_training_variables(tmp_path):
     model = trained_model_at(tmp_path / "data" / "nnUNet" / "results", "301", "Other", "nnUNetTrainer_SacrumCPU",
                              "3d_fullres_small")
     empty = tmp_path / "empty-bids"
-    empty.mkdir()
+    (empty / "sub-01" / "anat").mkdir(parents=True)   # a dataset without images: 0 of everything, exit 0
     proc = subprocess.run(["bash", str(SCRIPT), "--bids", str(empty)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines() == [

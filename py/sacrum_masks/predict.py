@@ -14,14 +14,16 @@ Conventions
   brought back to the input's own voxel order, so the mask has the input's exact grid.
 * Post-processing: only the largest 26-connected component is kept
   (:func:`sacrum_masks.components.largest_component`).
-* Ownership: a mask whose sidecar says ``GeneratedBy[0].Name == "sacrum-masks"`` is ours. A mask
-  without such a sidecar (a manual correction) is never overwritten, not even with ``--force``.
-* Up to date: ours, same input SHA-256 and same model identity (fold, checkpoint name and the
-  checkpoint file's SHA-256; not the model folder's path, so a moved or remounted model is the same
-  model): nothing is done. The sidecar still records the folder ("Model") for provenance.
-* Writes are atomic (temporary file + rename). For a new mask the sidecar is written first, for a
-  rewrite the mask is: whatever point a run is killed at, the next run sees "missing" or "out of
-  date", never "kept" or "up to date" for a stale mask.
+* Paths, sidecar schema, ownership, up-to-date rule and write order are those of the one derivatives
+  writer, :mod:`sacrum_masks.derivatives` (docs/DESIGN.md, "Derivatives"): a mask whose sidecar's last
+  ``GeneratedBy`` entry is not ``sacrum-masks`` (a manual correction) is never overwritten, not even
+  with ``--force``; a mask is up to date when its image's SHA-256 (keyed by ``bids:raw:...`` URI) and
+  every setting that changes it (:func:`mask_settings`: fold, checkpoint and its SHA-256, tile step,
+  mirroring, connectivity; not the model folder's path) are unchanged.
+* ``--output-dir DIR`` writes ``DIR/<dataset name>/derivatives/labels`` instead (read-only raw datasets).
+* Contrasts: only the images whose contrast is in ``--contrast`` (else the config's ``CONTRASTS``, else
+  the model's training contrasts, ``sacrum_masks_contrasts`` of its dataset.json) are segmented; the
+  others are listed as "skipped (contrast)".
 * One lock per output folder (``derivatives/labels``), taken in sorted order; a busy lock makes the
   run exit 0 without work (or wait with ``--wait``).
 """
@@ -45,17 +47,20 @@ import numpy as np
 from . import __version__
 from .batch import Batch, folder_lock
 from . import bids
-from .bids import BidsName, derivative_path, find_images, sidecar_path, split_extension
-from .config import read_json_object_or_none
+from .bids import BidsName, find_images, sidecar_path
 from .components import largest_component
+from . import derivatives
+from .derivatives import DerivativeFolder, Plan
 from .errors import InputError, LockBusy
-from .nifti import (check_file, from_rpi, load_image, remove_stale_temporaries, mask_like, save_nifti_atomic, sha256_file, to_rpi,
-                    voxel_volume_ml, write_json_atomic)
+from .nifti import check_file, from_rpi, load_image, mask_like, sha256_file, to_rpi, voxel_volume_ml
 
 TOOL_NAME = "sacrum-masks"
 PIPELINE = "labels"
 MASK_SUFFIX = ("label-sacrum", "seg")
 SUMMARY_ORDER = ["written", "up to date", "kept", "failed"]
+SKIPPED_CONTRAST = "skipped (contrast)"
+#: connectivity of the largest-component post-processing (a setting of the mask: in its Settings)
+CONNECTIVITY = 26
 #: nnU-Net readers whose array is the file's voxel array transposed to [z, y, x] (no reorientation)
 PLAIN_READERS = ("SimpleITKIO", "NibabelIO")
 
@@ -134,9 +139,51 @@ def items_from_bids(bids_dir: str | Path) -> list[Item]:
     """Every MRI image of a BIDS dataset (``sub-*/[ses-*/]anat``, CT excluded).
 
     The dataset folder is resolved (symbolic links followed), as in :func:`items_from_config`.
+    A folder that is not a BIDS dataset (no ``sub-*`` folder: e.g. the parent of the datasets) is an
+    InputError: a cron job must not report success while doing nothing.
     """
     root = Path(bids_dir).resolve()
+    if not root.is_dir():
+        raise InputError(bids_dir, "--bids: not a folder")
+    if not any(p.is_dir() for p in root.glob("sub-*")):
+        subs = sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("sub-*")))[:3]
+        hint = f" (its folders {', '.join(subs)} are: pass each with --bids)" if subs else ""
+        raise InputError(bids_dir, f"--bids: not a BIDS dataset, no sub-* folder{hint}")
     return [Item(str(p), p, root) for p in find_images(root)]
+
+
+def parse_contrasts(text: str | None) -> tuple[str, ...] | None:
+    """``"T1w,T2w"`` as ``("T1w", "T2w")``; None for an empty or missing value (use the default).
+
+    >>> parse_contrasts("T1w, T2w"), parse_contrasts("")
+    (('T1w', 'T2w'), None)
+    """
+    if not text:
+        return None
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    return parts or None
+
+
+def config_contrasts(config_path: str | Path) -> tuple[str, ...] | None:
+    """The contrasts of a config's ``CONTRASTS`` code (``t1_t2`` -> T1w, T2w), None when it has none."""
+    from .config import CONTRASTS, read_json_object
+
+    code = read_json_object(Path(config_path)).get("CONTRASTS")
+    if code is None:
+        return None
+    if code not in CONTRASTS:
+        raise InputError(config_path, f"CONTRASTS {code!r} is not one of {', '.join(CONTRASTS)}")
+    return CONTRASTS[code]
+
+
+def model_contrasts(model_dir: str | Path) -> tuple[str, ...] | None:
+    """The contrasts a model was trained on (``sacrum_masks_contrasts`` of its dataset.json, written by
+    convert), None for a model that does not record them (every contrast is then segmented)."""
+    from .config import read_json_object_or_none
+
+    meta = read_json_object_or_none(Path(model_dir) / "dataset.json") or {}
+    vals = meta.get("sacrum_masks_contrasts")
+    return tuple(vals) if isinstance(vals, list) and vals and all(isinstance(v, str) for v in vals) else None
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -201,12 +248,16 @@ def normalise_items(items: list[Item]) -> list[Item]:
     return result
 
 
-def output_paths(item: Item) -> tuple[Path, Path]:
+def labels_folder(dataset: str | Path, output_root: str | Path | None = None) -> DerivativeFolder:
+    """The ``derivatives/labels`` folder of a dataset (under ``output_root`` when given), shared with ct-labels."""
+    return derivatives.prepare(dataset, PIPELINE, program=TOOL_NAME, output_root=output_root,
+                               title=bids.LABELS_DESCRIPTION[0], description=bids.LABELS_DESCRIPTION[1])
+
+
+def output_paths(item: Item, folder: DerivativeFolder | None = None) -> tuple[Path, Path]:
     """``(mask, sidecar)`` paths of an item (InputError for a name that is not BIDS or not NIfTI)."""
-    if split_extension(item.image.name)[1] == "":
-        raise InputError(item.image, "not a NIfTI file (.nii or .nii.gz)")
-    BidsName.parse(item.image)
-    mask = derivative_path(item.dataset, item.image, PIPELINE, *MASK_SUFFIX)
+    folder = folder or labels_folder(item.dataset)
+    mask = folder.output_path(item.image, *MASK_SUFFIX)
     return mask, sidecar_path(mask)
 
 
@@ -233,15 +284,11 @@ def checkpoint_file(model_dir: str | Path, fold: str, checkpoint: str) -> Path:
     return path
 
 
-#: The keys of :func:`model_identity` that decide whether a mask is up to date ("Model", the folder's
-#: path, is provenance only: moving or remounting the same checkpoint must not redo every mask).
-IDENTITY_KEYS = ("Fold", "Checkpoint", "CheckpointSHA256")
-
-
 def model_identity(model_dir: str | Path, fold: str, checkpoint: str) -> dict:
-    """The model as the sidecar records it: folder ("Model"), fold, checkpoint and its SHA-256.
+    """The model as the sidecar's ``GeneratedBy`` records it: folder ("Model"), fold, checkpoint and its SHA-256.
 
-    Only :data:`IDENTITY_KEYS` decide whether a mask is up to date (:func:`plan_status`).
+    The folder's path is provenance only: :func:`mask_settings` (what decides "up to date") leaves it out,
+    so moving or remounting the same checkpoint does not redo every mask.
     """
     model_dir = Path(os.path.abspath(model_dir))
     ckpt = checkpoint_file(model_dir, fold, checkpoint)
@@ -249,75 +296,47 @@ def model_identity(model_dir: str | Path, fold: str, checkpoint: str) -> dict:
             "Checkpoint": checkpoint, "CheckpointSHA256": sha256_file(ckpt)}
 
 
+def mask_settings(identity: dict, tile_step: float, mirroring: bool) -> dict:
+    """Every setting that changes a mask (the sidecar's ``Settings``; a change makes the mask out of date).
+
+    >>> mask_settings({"Model": "/m", "Fold": 0, "Checkpoint": "best", "CheckpointSHA256": "c"}, 0.5, False)
+    {'Fold': 0, 'Checkpoint': 'best', 'CheckpointSHA256': 'c', 'TileStepSize': 0.5, 'Mirroring': False, 'LargestComponent': 26}
+    """
+    return {"Fold": identity["Fold"], "Checkpoint": identity["Checkpoint"],
+            "CheckpointSHA256": identity["CheckpointSHA256"], "TileStepSize": float(tile_step),
+            "Mirroring": bool(mirroring), "LargestComponent": CONNECTIVITY}
+
+
 def is_ours(sidecar: dict | None) -> bool:
-    """True when a sidecar was written by this tool (``GeneratedBy[0].Name == "sacrum-masks"``)."""
-    try:
-        return sidecar["GeneratedBy"][0]["Name"] == TOOL_NAME
-    except (TypeError, KeyError, IndexError):
-        return False
+    """True when a sidecar's last ``GeneratedBy`` entry is this tool (:func:`sacrum_masks.derivatives.is_ours`)."""
+    return derivatives.is_ours(sidecar, TOOL_NAME)
 
 
-def read_sidecar(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when it is missing or not a JSON object."""
-    return read_json_object_or_none(path)
+def plan_mask(folder: DerivativeFolder, item: Item, settings: dict, force: bool = False) -> tuple[Plan, Path]:
+    """The writer's plan for one image's mask, and the mask's path (InputError: one line for the batch)."""
+    mask = folder.output_path(item.image, *MASK_SUFFIX)
+    check_file(item.image)
+    return folder.plan(item.image, [mask], {folder.uri(item.image): item.image}, settings, force), mask
 
 
-def plan_status(mask: Path, sidecar: dict | None, input_sha: str, identity: dict, force: bool = False) -> str:
-    """What to do with one output: ``"kept"``, ``"up to date"`` or ``"write"``.
-
-    >>> ident = {"Model": "/m", "Fold": 0, "Checkpoint": "best", "CheckpointSHA256": "c"}
-    >>> ours = {"GeneratedBy": [{"Name": "sacrum-masks", **ident}], "InputSHA256": "i"}
-    >>> plan_status(Path("/nonexistent.nii.gz"), ours, "i", ident)
-    'write'
-    >>> plan_status(Path(__file__), ours, "i", {**ident, "Model": "/moved/m"})
-    'up to date'
-    """
-    if not mask.exists():
-        return "write"
-    if not is_ours(sidecar):
-        return "kept"
-    if force:
-        return "write"
-    made_by = sidecar["GeneratedBy"][0]
-    same_model = all(made_by.get(k) == identity.get(k) for k in IDENTITY_KEYS)
-    return "up to date" if same_model and sidecar.get("InputSHA256") == input_sha else "write"
-
-
-def make_sidecar(item: Item, identity: dict, input_sha: str, mask: np.ndarray, img, n_removed: int,
-                 settings: dict) -> dict:
-    """The mask's JSON sidecar (keys relied upon by the other stages: see DESIGN.md, stage 4)."""
+def mask_fields(mask: np.ndarray, img, n_removed: int) -> dict:
+    """The sidecar keys of a mask besides the writer's schema (read by QC: see docs/DESIGN.md, stage 4)."""
     count = int(np.count_nonzero(mask))
-    generated = {"Name": TOOL_NAME, "Version": __version__,
-                 "Date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 **identity, **settings,
+    return {"SpatialReference": "orig", "VoxelCount": count, "VolumeML": round(count * voxel_volume_ml(img), 4),
+            "ComponentsRemoved": int(n_removed), "Empty": count == 0}
+
+
+def write_mask(folder: DerivativeFolder, mask_path: Path, plan: Plan, mask: np.ndarray, img, n_removed: int,
+               identity: dict, extra: dict | None = None) -> dict:
+    """Write one mask (on ``img``'s grid, its qform and sform) and its sidecar through the writer.
+
+    A plain function of picklable arguments, so an export worker can call it. Returns the sidecar.
+    """
+    generated = {**identity, "TileStepSize": plan.settings.get("TileStepSize"),
+                 "Mirroring": plan.settings.get("Mirroring"),
                  "nnunetv2": _version("nnunetv2"), "torch": _version("torch")}
-    return {"SpatialReference": "orig", "GeneratedBy": [generated], "Sources": [f"bids::{item.rel}"],
-            "InputSHA256": input_sha, "VoxelCount": count,
-            "VolumeML": round(count * voxel_volume_ml(img), 4), "ComponentsRemoved": int(n_removed),
-            "Empty": count == 0}
-
-
-def ensure_dataset_description(folder: Path) -> None:
-    """Create ``<folder>/dataset_description.json`` when absent; an existing one is never touched.
-
-    ``derivatives/labels`` is shared with ct-labels: both write the same description
-    (:data:`sacrum_masks.bids.LABELS_DESCRIPTION`).
-    """
-    bids.ensure_dataset_description(folder, name=bids.LABELS_DESCRIPTION[0], description=bids.LABELS_DESCRIPTION[1])
-
-
-def write_outputs(mask_img, mask_path: Path, sidecar: dict, sidecar_path: Path) -> None:
-    """Write mask and sidecar, each atomically, in the order that keeps a killed run detectable.
-
-    A new mask: sidecar first (a sidecar without mask is redone). A rewrite of one of ours: mask first
-    (the old sidecar no longer matches, so the new mask is redone rather than kept as is).
-    """
-    if mask_path.exists():
-        save_nifti_atomic(mask_img, mask_path)
-        write_json_atomic(sidecar, sidecar_path)
-    else:
-        write_json_atomic(sidecar, sidecar_path)
-        save_nifti_atomic(mask_img, mask_path)
+    fields = {**mask_fields(mask, img, n_removed), **(extra or {})}
+    return folder.write({mask_path: mask_like(mask, img)}, fields, plan, generated)
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -398,6 +417,8 @@ class Settings:
     force: bool = False
     wait: bool = False
     shard: tuple[int, int] = (1, 1)
+    contrasts: tuple[str, ...] | None = None    # None: the model's training contrasts (else every contrast)
+    output_dir: Path | None = None              # None: <dataset>/derivatives/labels
 
 
 def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool) -> None:
@@ -426,58 +447,58 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
     out = stream or sys.stdout
     batch = Batch("predict", stream=stream)
     identity = model_identity(settings.model_dir, settings.fold, settings.checkpoint)
+    wanted = settings.contrasts or model_contrasts(settings.model_dir)
+    mask_set = mask_settings(identity, settings.tile_step, settings.mirroring)
     items = normalise_items(items)
-    folders = sorted({it.dataset / "derivatives" / PIPELINE for it in items if it.error is None})
+    folders: dict[Path, DerivativeFolder] = {}
+    for it in items:
+        if it.error is None and it.dataset not in folders:
+            # InputError (--output-dir inside the raw dataset) goes up: one line, exit 2, nothing written
+            folders[it.dataset] = labels_folder(it.dataset, settings.output_dir)
     with ExitStack() as locks:
-        for folder in folders:
+        for folder in sorted(folders.values(), key=lambda f: str(f.root)):
+            folder.ensure()   # InputError (a path component is a file) goes up: one line, exit 2
             try:
-                lock_output_folder(locks, folder, settings.shard, settings.wait)
+                lock_output_folder(locks, folder.root, settings.shard, settings.wait)
             except LockBusy:
-                print(f"predict: another run is writing {folder}; exiting", file=out, flush=True)
+                print(f"predict: another run is writing {folder.root}; exiting", file=out, flush=True)
                 return 0
-        for folder in folders:
-            ensure_dataset_description(folder)
         todo = []
         for it in items:
             if it.error is not None:
                 batch.report(it.entry, "failed", it.error)
                 continue
+            folder = folders[it.dataset]
             try:
-                mask_path, side_path = output_paths(it)
-                check_file(it.image)
-                remove_stale_temporaries(mask_path, side_path)
+                contrast = BidsName.parse(it.image).contrast
+                if wanted and contrast not in wanted:
+                    batch.report(it.image, SKIPPED_CONTRAST, f"{contrast} (segmenting {', '.join(wanted)})")
+                    continue
+                plan, mask_path = plan_mask(folder, it, mask_set, settings.force)
             except InputError as exc:
-                batch.report(it.entry, "failed", exc.reason)
+                batch.report(it.entry, "failed", exc.reason if Path(exc.path) == it.image else str(exc))
                 continue
-            try:
-                sha = sha256_file(it.image)
-            except OSError as exc:   # permission denied, I/O error, ...: this image only
-                batch.report(it.entry, "failed", f"cannot read ({exc.strerror or exc})")
-                continue
-            status = plan_status(mask_path, read_sidecar(side_path), sha, identity, settings.force)
-            if status == "kept":
-                batch.report(it.image, "kept", f"{mask_path.name} was not written by {TOOL_NAME}")
-            elif status == "up to date":
+            if plan.status == "kept":
+                batch.report(it.image, "kept", plan.reason)
+            elif plan.status == "up to date":
                 batch.report(it.image, "up to date")
             else:
-                todo.append((it, mask_path, side_path, sha))
+                todo.append((it, folder, mask_path, plan))
         empty = []
         if todo:
             model = model_factory(settings)
-            run_settings = {"TileStepSize": settings.tile_step, "Mirroring": settings.mirroring}
-            for it, mask_path, side_path, sha in todo:
+            for it, folder, mask_path, plan in todo:
                 start = time.perf_counter()
                 try:
                     img, data = load_image(it.image)
-                    mask, n_removed = segment_image(model.predict, img, data)
+                    mask, n_removed = segment_image(model.predict, img, data, CONNECTIVITY)
                 except InputError as exc:
                     batch.report(it.image, "failed", exc.reason)
                     continue
                 except OSError as exc:
                     batch.report(it.image, "failed", f"cannot read ({exc.strerror or exc})")
                     continue
-                sidecar = make_sidecar(it, identity, sha, mask, img, n_removed, run_settings)
-                write_outputs(mask_like(mask, img), mask_path, sidecar, side_path)
+                sidecar = write_mask(folder, mask_path, plan, mask, img, n_removed, identity)
                 detail = (f"{sidecar['VoxelCount']} voxels, {sidecar['VolumeML']:g} mL, "
                           f"{n_removed} components removed, {time.perf_counter() - start:.1f} s")
                 if sidecar["Empty"]:
@@ -529,18 +550,28 @@ def _device_option(ctx, param, value):
 @click.option("--wait", is_flag=True, help="Wait for another run's lock instead of exiting.")
 @click.option("--shard", default="1/1", show_default=True, callback=_shard_option,
               help="Process shard I of N of the sorted image list (SLURM array tasks).")
+@click.option("--contrast", "contrast", envvar="SACRUM_CONTRAST", show_envvar=True, default=None,
+              help="Contrasts to segment, e.g. T1w,T2w (default: the config's CONTRASTS, else the model's "
+                   "training contrasts); the others are listed as 'skipped (contrast)'.")
+@click.option("--output-dir", "output_dir", envvar="SACRUM_OUTPUT_DIR", show_envvar=True, default=None,
+              type=click.Path(path_type=Path),
+              help="Write DIR/<dataset>/derivatives/labels instead of inside each dataset (read-only datasets).")
 def predict_command(config, datasets_path, bids_dirs, model_dir, fold, checkpoint, device, tile_step, mirroring,
-                    force, wait, shard):
+                    force, wait, shard, contrast, output_dir):
     """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets."""
     if config is None and not bids_dirs:
         raise click.UsageError("give --config FILE and/or --bids DIR")
     if fold != "all" and not fold.isdigit():
         raise click.BadParameter(f"{fold!r}: expected a fold number or 'all'", param_hint="--fold")
+    contrasts = parse_contrasts(contrast)
     items = items_from_config(config, datasets_path) if config is not None else []
+    if contrasts is None and config is not None:
+        contrasts = config_contrasts(config)
     for d in bids_dirs:
         items += items_from_bids(d)
     selected = select_items(items, shard)
     if shard != (1, 1):
         click.echo(f"predict: shard {shard[0]}/{shard[1]}: {len(selected)} of {len(items)} images")
-    settings = Settings(Path(model_dir), fold, checkpoint, device, tile_step, mirroring, force, wait, shard)
+    settings = Settings(Path(model_dir), fold, checkpoint, device, tile_step, mirroring, force, wait, shard,
+                        contrasts, output_dir)
     sys.exit(run_predict(selected, settings))
