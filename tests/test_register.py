@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 from scipy.spatial.transform import Rotation
 
-from sacrum_masks import register
+from sacrum_masks import derivatives, register
 from sacrum_masks.cli import main
 from sacrum_masks.errors import InputError
 from sacrum_masks.register import (check_volumes, fraction_outside, register_dataset, register_label, resample_mask_nn,
@@ -375,12 +375,16 @@ def test_cli_on_small_bids(tmp_path):
         np.testing.assert_allclose(mask.get_qform(), image.get_qform(), rtol=0, atol=1e-6)
         assert set(np.unique(np.asanyarray(mask.dataobj))) == {0, 1}
         meta = json.loads((out / f"{rel}_seg.json").read_text())
-        assert Path(meta["Sources"][0]) == bids / f"{rel}.nii.gz"
-        assert Path(meta["Sources"][1]).name == src
+        # BIDS URIs, relative to the raw dataset and to derivatives/labels (DatasetLinks): no absolute path
+        assert meta["Sources"][0] == f"bids:raw:{rel}.nii.gz"
+        assert meta["Sources"][1] == f"bids:labels:{Path(rel).parent.as_posix()}/{src}"
+        assert meta["Settings"] == {"SacrumIndices": idx, "Backend": "native"}
+        assert str(tmp_path) not in json.dumps(meta)
         assert meta["SacrumIndices"] == idx and meta["IndicesFrom"] == frm and meta["Backend"] == "native"
         assert meta["FractionOutsideFOV"] == 0.0
         assert meta["VolumeAfterML"] == pytest.approx(meta["VolumeBeforeML"], rel=0.05)
-        assert meta["GeneratedBy"][0]["Version"]
+        assert meta["GeneratedBy"][-1]["Name"] == "sacrum-masks register-ct" and meta["GeneratedBy"][-1]["Version"]
+    assert desc["DatasetLinks"] == {"raw": "../..", "labels": "../labels"}
     # the MRI mask on its own grid is copied voxel for voxel
     m = np.asanyarray(nib.load(str(out / "sub-02/anat/sub-02_T2w_seg.nii.gz")).dataobj)
     lab = np.asanyarray(nib.load(str(bids / "derivatives/labels/sub-02/anat/sub-02_T2w_seg.nii.gz")).dataobj)
@@ -402,13 +406,19 @@ def test_cli_on_small_bids(tmp_path):
     np.testing.assert_array_equal(m, lab == 2)
 
 
-def test_touching_the_label_makes_the_output_out_of_date(tmp_path):
+def test_touching_the_label_leaves_the_output_up_to_date_new_bytes_redo_it(tmp_path):
+    """One up-to-date rule for every stage: input checksums and settings, not modification times
+    (a copy or a restore without -p must not redo a cohort)."""
     bids = make_bids(tmp_path / "ds")
     assert _run(bids).exit_code == 0
     label = bids / "derivatives/labels/sub-02/anat/sub-02_T2w_seg.nii.gz"
     out = bids / "derivatives/reg-labels/sub-02/anat/sub-02_T2w_seg.nii.gz"
     t = out.stat().st_mtime_ns + 10_000_000
     os.utime(label, ns=(t, t))
+    r = _run(bids)
+    assert r.output.splitlines()[-1] == "register-ct: 0 written, 3 up to date, 0 failed"
+    img = nib.load(str(label))
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1].copy(), img.affine, img.header), str(label))
     r = _run(bids)
     assert r.output.splitlines()[-1] == "register-ct: 1 written, 2 up to date, 0 failed"
     assert "written  ds/sub-02/anat/sub-02_T2w.nii.gz" in r.output
@@ -424,7 +434,7 @@ def test_redo_killed_between_mask_and_sidecar_is_redone(tmp_path, monkeypatch, k
     the next run must redo that image, not take the old mask for up to date."""
     bids = make_bids(tmp_path / "ds")
     assert _run(bids).exit_code == 0
-    real = getattr(register, killed_write)
+    real = getattr(derivatives, killed_write)   # the writer's two atomic writes
 
     def kill_on_first_output(obj, path):
         if Path(path).parent.name == "anat":   # outputs only, not dataset_description.json
@@ -432,7 +442,7 @@ def test_redo_killed_between_mask_and_sidecar_is_redone(tmp_path, monkeypatch, k
         return real(obj, path)
 
     with monkeypatch.context() as m:
-        m.setattr(register, killed_write, kill_on_first_output)
+        m.setattr(derivatives, killed_write, kill_on_first_output)
         with pytest.raises(_Killed):
             register_dataset(bids, indices=(2, 92))
     batch = register_dataset(bids, indices=(2, 92))
@@ -460,21 +470,28 @@ def test_restored_label_with_an_old_mtime_is_redone(tmp_path):
     assert "written  ds/sub-02/anat/sub-02_T2w.nii.gz" in r.output
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(out)).dataobj), data == 1)
     meta = json.loads(out.with_name("sub-02_T2w_seg.json").read_text())
-    assert meta["SourcesSHA256"] == {str(bids.resolve() / "sub-02/anat/sub-02_T2w.nii.gz"):
+    assert meta["SourcesSHA256"] == {"bids:raw:sub-02/anat/sub-02_T2w.nii.gz":
                                      hashlib.sha256((bids / "sub-02/anat/sub-02_T2w.nii.gz").read_bytes()).hexdigest(),
-                                     str(label.resolve()): hashlib.sha256(label.read_bytes()).hexdigest()}
+                                     "bids:labels:sub-02/anat/sub-02_T2w_seg.nii.gz":
+                                     hashlib.sha256(label.read_bytes()).hexdigest()}
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", "{broken", "null"])
-def test_output_sidecar_not_an_object_is_redone_not_a_crash(tmp_path, text):
+@pytest.mark.parametrize("text, reason", [("[1, 2]", "sidecar is an array, not a JSON object"),
+                                          ("{broken", "sidecar not JSON (JSONDecodeError)"),
+                                          ("null", "sidecar is null, not a JSON object")])
+def test_output_sidecar_not_an_object_is_one_line_and_left_alone(tmp_path, text, reason):
+    """A sidecar we cannot read may be someone's edit: one line, neither it nor its mask is touched."""
     bids = make_bids(tmp_path / "ds")
     assert _run(bids).exit_code == 0
     side = bids / "derivatives/reg-labels/sub-02/anat/sub-02_T2w_seg.json"
+    mask = side.with_name("sub-02_T2w_seg.nii.gz")
     side.write_text(text)
-    r = _run(bids)
-    assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[-1] == "register-ct: 1 written, 2 up to date, 0 failed"
-    assert json.loads(side.read_text())["SacrumIndices"] == [1]
+    before = mask.read_bytes()
+    r = _run(bids, "--force")
+    assert r.exit_code == 1, r.output
+    assert r.output.splitlines()[-1] == "register-ct: 2 written, 0 up to date, 1 failed"
+    assert f"failed  ds/sub-02/anat/sub-02_T2w.nii.gz: {side}: {reason}: fix or remove it" in r.output
+    assert side.read_text() == text and mask.read_bytes() == before
 
 
 def test_label_sidecar_not_an_object_is_one_line(tmp_path):

@@ -329,9 +329,10 @@ def read_sidecar(path: str | Path) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else f"not JSON ({type(exc).__name__})"
-        raise InputError(path, f"sidecar {reason}: fix or remove it (its image is left alone)") from None
+        raise InputError(path, f"sidecar {reason}: fix or remove it (its output is left alone)") from None
     if not isinstance(data, dict):
-        raise InputError(path, f"sidecar is a JSON {type(data).__name__}, not an object: fix or remove it")
+        kind = {list: "an array", type(None): "null", str: "a string", bool: "a boolean"}.get(type(data), "a number")
+        raise InputError(path, f"sidecar is {kind}, not a JSON object: fix or remove it (its output is left alone)")
     return data
 
 

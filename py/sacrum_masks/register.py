@@ -9,8 +9,12 @@ Three layers:
 * :func:`resample_mask_nn` -- pure array function: a binary mask on one grid resampled onto another
   (identity in world space, nearest neighbour), working only inside the bounding box of the mask.
 * :func:`register_label` -- image in, image out: keep the sacrum indices, resample, check volumes.
-* :func:`register_dataset` -- the batch over a BIDS dataset (label lookup, up-to-date check, atomic
-  writes, sidecars, one line per image, summary); :data:`register_ct_command` is its click command.
+* :func:`register_dataset` -- the batch over a BIDS dataset (label lookup, one line per image, summary);
+  paths, sidecars, ownership, up-to-date rule and write order are the derivatives writer's
+  (:mod:`sacrum_masks.derivatives`, docs/DESIGN.md "Derivatives"): a manual correction in
+  ``reg-labels`` (a file whose sidecar's last GeneratedBy entry is not ours) survives any input change
+  and ``--force``; sidecars name their inputs by BIDS URI (``bids:raw:...``, ``bids:labels:...``), so a
+  moved data root stays up to date. :data:`register_ct_command` is its click command.
 
 Conventions
 -----------
@@ -25,7 +29,7 @@ destination index lies in ``[-0.5, n - 0.5)`` on every axis.
 
 from __future__ import annotations
 
-import datetime as _dt
+import dataclasses
 import shutil
 import subprocess
 import tempfile
@@ -36,13 +40,13 @@ import click
 import numpy as np
 from scipy import ndimage
 
-from . import __version__
+from . import derivatives
 from .batch import Batch, folder_lock
-from .bids import BidsName, ensure_dataset_description, find_images, sidecar_path, suffix_parts
-from .config import read_json_object, read_json_object_or_none
+from .bids import BidsName, find_images, sidecar_path, suffix_parts
+from .config import read_json_object
+from .derivatives import DerivativeFolder, Plan
 from .errors import InputError, LockBusy
-from .nifti import (check_file, load_image, mask_like, remove_stale_temporaries, same_grid, save_nifti_atomic,
-                    sha256_file, voxel_volume_ml, write_json_atomic)
+from .nifti import check_file, load_image, mask_like, same_grid, voxel_volume_ml
 
 #: TotalSegmentator label order -> sacrum indices (v2 splits S1 off the sacrum: both are needed).
 TOTALSEG_INDICES = {"v1": (92,), "v2": (25, 26)}
@@ -384,57 +388,25 @@ def resolve_indices(label: Path, option: tuple[int, ...] | None) -> tuple[tuple[
     return DEFAULT_INDICES, "default"
 
 
-def input_checksums(image: Path, label: Path) -> dict[str, str]:
-    """``{image path: sha256, label path: sha256}`` as stored in the sidecar (``SourcesSHA256``).
+def reg_labels_folder(bids_dir: Path, path_label: Path, path_out: Path | None = None,
+                      output_dir: Path | None = None) -> DerivativeFolder:
+    """The ``reg-labels`` derivative folder (``path_out`` replaces its root when given)."""
+    folder = derivatives.prepare(
+        bids_dir, "reg-labels", program=PROGRAM, output_root=output_dir, links={"labels": path_label},
+        title="Sacrum masks on MRI grids",
+        description="register-ct: sacrum labels (CT or MRI) carried onto each MRI image's grid (identity in "
+                    "world space, nearest neighbour)")
+    return dataclasses.replace(folder, root=Path(path_out)) if path_out is not None else folder
 
-    An input that cannot be read is an InputError (one line for the batch).
+
+def register_image(folder: DerivativeFolder, image: Path, label: Path, out: Path, plan: Plan, indices_from: str,
+                   backend: str = "native") -> Registered:
+    """Load, register, and write one image's mask and sidecar through the writer. Returns the result.
+
+    ``plan`` (:meth:`DerivativeFolder.plan`) carries the inputs' checksums and the settings (sacrum
+    indices, backend) that the sidecar records.
     """
-    sums = {}
-    for path in (image, label):
-        try:
-            sums[str(path)] = sha256_file(path)
-        except OSError as exc:
-            raise InputError(path, f"cannot read ({exc.strerror or exc})") from None
-    return sums
-
-
-def _up_to_date(out: Path, sidecar: Path, image: Path, label: Path, indices, checksums=None) -> bool:
-    """True when ``out`` and its sidecar are a complete result for these inputs and indices.
-
-    The sidecar is written last (it marks the pair as complete); it must name the same label and
-    indices and hold the inputs' current SHA-256 (a label restored with an old mtime is caught);
-    the mask must also be newer than both inputs (touching an input redoes it). ``checksums`` (from
-    :func:`input_checksums`) are computed when not given.
-    """
-    if not (out.is_file() and sidecar.is_file()):
-        return False
-    t = out.stat().st_mtime_ns
-    if t <= image.stat().st_mtime_ns or t <= label.stat().st_mtime_ns:
-        return False
-    meta = read_json_object_or_none(sidecar)
-    if meta is None or meta.get("SacrumIndices") != list(indices):
-        return False
-    sources = meta.get("Sources")
-    if not (isinstance(sources, list) and sources[1:2] == [str(label)]):
-        return False
-    return meta.get("SourcesSHA256") == (checksums or input_checksums(image, label))
-
-
-def _generated_by() -> list[dict]:
-    return [{"Name": PROGRAM, "Version": __version__,
-             "Date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}]
-
-
-def register_image(bids_dir: Path, image: Path, label: Path, out: Path, indices, indices_from: str,
-                   backend: str = "native", checksums: dict[str, str] | None = None) -> Registered:
-    """Load, register, and write one image's mask and sidecar (atomically). Returns the result.
-
-    ``checksums``: the inputs' :func:`input_checksums` when already computed (else computed here).
-    The mask is written first and the sidecar last: the sidecar marks the pair as complete, so a run
-    killed in between leaves a sidecar that no longer matches (old indices or checksums) and the
-    next run redoes the image.
-    """
-    checksums = checksums or input_checksums(image, label)
+    indices = tuple(plan.settings["SacrumIndices"])
     image_img, _ = load_image(image)
     label_img, label_data = load_image(label)
     resampled = None
@@ -444,10 +416,7 @@ def register_image(bids_dir: Path, image: Path, label: Path, out: Path, indices,
         with tempfile.TemporaryDirectory(prefix=".sct-", dir=out.parent) as tmp:
             resampled = run_sct(label, image, Path(tmp))
     res = register_label(label_img, label_data, image_img, indices, name=str(label), resampled=resampled)
-    side = sidecar_path(out)
-    meta = {
-        "Sources": [str(image), str(label)],
-        "SourcesSHA256": checksums,
+    fields = {
         "SacrumIndices": list(indices),
         "IndicesFrom": indices_from,
         "Backend": backend,
@@ -456,17 +425,14 @@ def register_image(bids_dir: Path, image: Path, label: Path, out: Path, indices,
         "VolumeAfterML": round(res.volume_after_ml, 4),
         "FractionOutsideFOV": round(res.fraction_outside, 6),
         "Warnings": res.warnings,
-        "GeneratedBy": _generated_by(),
     }
-    # mask first, sidecar last: the sidecar (indices, checksums) marks the pair as complete
-    save_nifti_atomic(res.mask, out)
-    write_json_atomic(meta, side)
+    folder.write({out: res.mask}, fields, plan)
     return res
 
 
 def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: str = "_seg",
                      indices: tuple[int, ...] | None = None, backend: str = "native", force: bool = False,
-                     batch: Batch | None = None) -> Batch:
+                     batch: Batch | None = None, output_dir=None) -> Batch:
     """Stage 1 over one BIDS dataset; one line per MRI image, a summary, a non-zero exit on any failure.
 
     Parameters
@@ -481,11 +447,14 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
         Sacrum indices; when None, each label's sidecar ``SacrumIndices``, else 92.
     backend : {"native", "sct"}
     force : bool
-        Redo outputs that are up to date.
+        Redo outputs of ours that are up to date (a file that is not ours is kept, even then).
+    output_dir : path-like, optional
+        Write ``<output_dir>/<dataset name>/derivatives/reg-labels`` instead (read-only raw datasets).
     """
     bids_dir = Path(bids_dir).resolve()
     path_label = Path(path_label).resolve() if path_label else bids_dir / "derivatives" / "labels"
-    path_out = Path(path_out).resolve() if path_out else bids_dir / "derivatives" / "reg-labels"
+    folder = reg_labels_folder(bids_dir, path_label, Path(path_out).resolve() if path_out else None, output_dir)
+    path_out = folder.root
     if path_out == path_label:
         raise InputError("--path-out", f"{path_out} is the labels folder; outputs would overwrite inputs")
     if path_out == bids_dir:
@@ -498,10 +467,8 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
     if not images:
         raise InputError(bids_dir, "no MRI image in sub-*/[ses-*/]anat/")
     try:
+        folder.ensure()
         with folder_lock(path_out):
-            ensure_dataset_description(path_out, name="Sacrum masks on MRI grids",
-                                       description="register-ct: sacrum labels (CT or MRI) carried onto each "
-                                                   "MRI image's grid (identity in world space, nearest neighbour)")
             for image in images:
                 item = f"{bids_dir.name}/{image.relative_to(bids_dir)}"
                 try:
@@ -513,20 +480,21 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
                 if label is None:
                     batch.report(item, "failed", "no label (looked for " + ", ".join(str(p) for p in looked) + ")")
                     continue
-                rel = image.parent.relative_to(bids_dir)
-                out = path_out / rel / (BidsName.parse(image).add_suffix("seg").stem + ".nii.gz")
+                out = folder.output_path(image, "seg")
                 if out.resolve() in (label.resolve(), image.resolve()):
                     batch.report(item, "failed", f"output {out} would overwrite its input")
                     continue
-                side = sidecar_path(out)
-                remove_stale_temporaries(out, side)  # left by a killed run; we hold the lock
                 try:
                     idx, src = resolve_indices(label, indices)
-                    sums = input_checksums(image, label)
-                    if not force and _up_to_date(out, side, image, label, idx, sums):
+                    inputs = {folder.uri(image): image, folder.uri(label): label}
+                    plan = folder.plan(image, [out], inputs, {"SacrumIndices": list(idx), "Backend": backend}, force)
+                    if plan.status == "kept":
+                        batch.report(item, "kept", plan.reason)
+                        continue
+                    if plan.status == "up to date":
                         batch.report(item, "up to date")
                         continue
-                    res = register_image(bids_dir, image, label, out, idx, src, backend, sums)
+                    res = register_image(folder, image, label, out, plan, src, backend)
                 except InputError as exc:
                     batch.report(item, "failed", str(exc))
                     continue
@@ -556,8 +524,11 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
               help="TotalSegmentator label order: v1 = 92, v2 = 25 and 26 (sacrum and S1).")
 @click.option("--backend", type=click.Choice(["native", "sct"]), default="native", show_default=True,
               help="native: in-process resampling; sct: sct_register_multimodal -identity 1 -x nn (needs SCT on PATH).")
-@click.option("--force", is_flag=True, help="Redo outputs that are up to date.")
-def register_ct_command(bids_dir, path_label, path_out, seg_suffix, sacrum_idx, totalseg, backend, force):
+@click.option("--force", is_flag=True, help="Redo outputs of ours that are up to date (manual corrections are kept).")
+@click.option("--output-dir", "output_dir", envvar="SACRUM_OUTPUT_DIR", show_envvar=True, default=None,
+              type=click.Path(path_type=Path),
+              help="Write DIR/<dataset>/derivatives/reg-labels instead of inside BIDS_DIR (read-only datasets).")
+def register_ct_command(bids_dir, path_label, path_out, seg_suffix, sacrum_idx, totalseg, backend, force, output_dir):
     """Sacrum labels (CT or MRI) onto every MRI image's grid: BIDS_DIR/derivatives/reg-labels/.../<image>_seg.nii.gz.
 
     For each MRI image of sub-*/[ses-*/]anat, the label is derivatives/labels/<path>/<image>_seg.nii.gz if
@@ -569,7 +540,7 @@ def register_ct_command(bids_dir, path_label, path_out, seg_suffix, sacrum_idx, 
         raise click.BadParameter("give either --sacrum-idx or --totalseg, not both", param_hint="--totalseg")
     indices = tuple(sacrum_idx) or (TOTALSEG_INDICES[totalseg] if totalseg else None)
     batch = register_dataset(bids_dir, path_label=path_label, path_out=path_out, seg_suffix=seg_suffix,
-                             indices=indices, backend=backend, force=force)
+                             indices=indices, backend=backend, force=force, output_dir=output_dir)
     click.echo(batch.summary(["written", "up to date", "failed"]))
     if batch.exit_code:
         raise SystemExit(batch.exit_code)
