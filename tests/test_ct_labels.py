@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sacrum_masks import ct_labels
+from sacrum_masks import ct_labels, derivatives
+from sacrum_masks.errors import InputError
 from sacrum_masks.cli import main
 from sacrum_masks.nifti import sha256_file
 
@@ -175,7 +176,8 @@ def test_writes_labels_and_sidecars_then_keeps_them(tmp_path, fake_totalseg, tot
         assert ts == {"Name": "TotalSegmentator", "Version": "2.18.0", "Task": "total",
                       "RoiSubset": ["sacrum", "vertebrae_S1"], "Multilabel": True, "Fast": False, "Device": "cpu"}
         assert ours["Name"] == "sacrum-masks ct-labels"
-        assert side["Sources"] == [f"bids::{rel}.nii.gz"]
+        assert side["Sources"] == [f"bids:raw:{rel}.nii.gz"]
+        assert side["Settings"] == {"Task": "total", "RoiSubset": ["sacrum", "vertebrae_S1"], "Fast": False}
     assert (root / "derivatives/labels/dataset_description.json").is_file()
     assert (root / "derivatives/labels/sub-03/anat/sub-03_CT_seg.nii.gz").read_bytes() == own_before
     assert not [p for p in (root / "derivatives").rglob(".*tmp*")]
@@ -235,7 +237,7 @@ def test_run_killed_between_label_and_sidecar_is_redone(tmp_path, fake_totalseg,
         changed = _ct(nib.load(str(ct_path)).affine)
         changed.dataobj[0, 0, 0] = 7
         nib.save(changed, str(ct_path))
-    real = getattr(ct_labels, killed_write)
+    real = getattr(derivatives, killed_write)   # the writer's atomic writes
 
     def kill_on_first_output(obj, path):
         if Path(path).parent.name == "anat":
@@ -243,7 +245,7 @@ def test_run_killed_between_label_and_sidecar_is_redone(tmp_path, fake_totalseg,
         return real(obj, path)
 
     with monkeypatch.context() as m:
-        m.setattr(ct_labels, killed_write, kill_on_first_output)
+        m.setattr(derivatives, killed_write, kill_on_first_output)
         with pytest.raises(_Killed):
             ct_labels.run_ct_labels(root, device="cpu", command_line="t")
     batch = ct_labels.run_ct_labels(root, device="cpu", command_line="t")
@@ -252,22 +254,36 @@ def test_run_killed_between_label_and_sidecar_is_redone(tmp_path, fake_totalseg,
     redone = [c["input"] for c in fake_totalseg.calls[-expected["written"]:]]
     assert redone[0] == str(ct_path)
     side = json.loads((root / "derivatives/labels/sub-01/anat/sub-01_CT_seg.json").read_text())
-    assert side["SourcesSHA256"] == {"bids::sub-01/anat/sub-01_CT.nii.gz": sha256_file(ct_path)}
-    assert ct_labels.label_state(root / "derivatives/labels/sub-01/anat/sub-01_CT_seg.nii.gz", ct_path) == "current"
+    assert side["SourcesSHA256"] == {"bids:raw:sub-01/anat/sub-01_CT.nii.gz": sha256_file(ct_path)}
+    assert label_status(root, ct_path) == "up to date"
+
+
+def label_status(root: Path, ct: Path, force: bool = False) -> str:
+    """The writer's plan for a CT's label, as run_ct_labels asks it."""
+    folder = ct_labels.labels_folder(root)
+    out = folder.output_path(ct, "seg")
+    return folder.plan(ct, [out], {folder.uri(ct): ct}, ct_labels.label_settings(False), force, clean=False).status
 
 
 def test_sidecar_without_label_is_absent_unless_foreign(tmp_path):
-    label = tmp_path / "sub-01_CT_seg.nii.gz"
-    ct = tmp_path / "sub-01_CT.nii.gz"
-    side = tmp_path / "sub-01_CT_seg.json"
-    assert ct_labels.label_state(label, ct) == "absent"
+    root = tmp_path / "ds"
+    ct = root / "sub-01/anat/sub-01_CT.nii.gz"
+    ct.parent.mkdir(parents=True)
+    ct.write_bytes(b"ct")
+    label = root / "derivatives/labels/sub-01/anat/sub-01_CT_seg.nii.gz"
+    side = label.with_name("sub-01_CT_seg.json")
+    label.parent.mkdir(parents=True)
+    assert label_status(root, ct) == "write"
     side.write_text(json.dumps({"GeneratedBy": [{"Name": "TotalSegmentator"}, {"Name": "sacrum-masks ct-labels"}]}))
-    assert ct_labels.label_state(label, ct) == "absent"              # ours: a killed run, redo it
+    assert label_status(root, ct) == "write"                         # ours: a killed run, redo it
     side.write_text(json.dumps({"LabelOrder": "totalsegmentator-v1", "SacrumIndices": [92]}))
-    assert ct_labels.label_state(label, ct) == "foreign"             # the dataset's own: never overwritten
+    assert label_status(root, ct, force=True) == "kept"              # the dataset's own: never overwritten
+    side.write_text(json.dumps({"GeneratedBy": [{"Name": "sacrum-masks ct-labels"}, {"Name": "manual-correction"}]}))
     label.write_bytes(b"x")
+    assert label_status(root, ct, force=True) == "kept"              # corrected after us: no longer ours
     side.write_text("[1, 2]")
-    assert ct_labels.label_state(label, ct) == "foreign"             # no crash on a JSON array
+    with pytest.raises(InputError, match="sidecar is an array, not a JSON object"):   # one line, left alone
+        label_status(root, ct)
 
 
 def test_stale_temporaries_are_removed_under_the_lock(tmp_path, fake_totalseg, totalseg_home):
@@ -289,21 +305,21 @@ def test_unreadable_ct_is_one_failure_line(tmp_path, fake_totalseg, totalseg_hom
     making the checksum's read fail (the tests run as root, where file modes do not stop reads)."""
     provide_weights(totalseg_home)
     root = make_bids(tmp_path / "ds")
-    real = ct_labels.sha256_file
+    real = derivatives.sha256_file
 
     def refuse_sub01(path, *args, **kwargs):
         if Path(path).name == "sub-01_CT.nii.gz":
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(ct_labels, "sha256_file", refuse_sub01)
+    monkeypatch.setattr(derivatives, "sha256_file", refuse_sub01)
     batch = ct_labels.run_ct_labels(root, device="cpu", command_line="t")     # no label yet: read in the loop
     assert dict(batch.counts) == {"written": 1, "kept": 1, "failed": 1} and batch.exit_code == 1
     assert batch.failures == ["sub-01/anat/sub-01_CT.nii.gz: cannot read (Permission denied)"]
-    monkeypatch.setattr(ct_labels, "sha256_file", real)
+    monkeypatch.setattr(derivatives, "sha256_file", real)
     assert dict(ct_labels.run_ct_labels(root, device="cpu", command_line="t").counts) == {"written": 1, "kept": 2}
-    monkeypatch.setattr(ct_labels, "sha256_file", refuse_sub01)
-    batch = ct_labels.run_ct_labels(root, device="cpu", command_line="t")     # our label: read for label_state
+    monkeypatch.setattr(derivatives, "sha256_file", refuse_sub01)
+    batch = ct_labels.run_ct_labels(root, device="cpu", command_line="t")     # our label: read for its plan
     assert dict(batch.counts) == {"kept": 2, "failed": 1}
     assert len(batch.failures) == 1 and "cannot read (Permission denied)" in batch.failures[0]
 

@@ -8,7 +8,10 @@ plus a sidecar::
 
     {"LabelOrder": "totalsegmentator-v2", "SacrumIndices": [25, 26], "GeneratedBy": [...], "Sources": [...]}
 
-so stage 1 (``register-ct``) picks the right indices by itself. ``SacrumIndices`` lists the indices that
+so stage 1 (``register-ct``) picks the right indices by itself. Paths, the rest of the sidecar
+(``Sources`` as ``bids:raw:...``, ``SourcesSHA256``, ``Settings``), ownership and the write order are
+the derivatives writer's (:mod:`sacrum_masks.derivatives`, docs/DESIGN.md "Derivatives"): a label
+without our sidecar (the dataset's own) is never replaced, not even with ``--force``. ``SacrumIndices`` lists the indices that
 are really in the written label (an S1 that TotalSegmentator did not find is not claimed); a CT where
 neither is found fails and nothing is written for it.
 
@@ -21,7 +24,6 @@ and writes nothing.
 
 from __future__ import annotations
 
-import datetime as _dt
 import importlib
 import importlib.metadata
 import os
@@ -33,15 +35,15 @@ import click
 import nibabel as nib
 import numpy as np
 
-from . import __version__
+from . import derivatives
 from .batch import Batch, folder_lock
-from .bids import LABELS_DESCRIPTION, BidsName, derivative_path, ensure_dataset_description, find_images, sidecar_path
-from .config import read_json_object_or_none
+from .bids import LABELS_DESCRIPTION, BidsName, find_images, sidecar_path
+from .derivatives import DerivativeFolder
 from .errors import InputError
-from .nifti import (load_image, mask_like, remove_stale_temporaries, same_grid, save_nifti_atomic, sha256_file,
-                    write_json_atomic)
+from .nifti import load_image, mask_like, remove_stale_temporaries, same_grid
 
 LABEL_ORDER = "totalsegmentator-v2"
+PROGRAM = "sacrum-masks ct-labels"
 #: TotalSegmentator v2 class map (``totalsegmentator.map_to_binary.class_map["total"]``, checked on 2.18.0)
 V2_CLASSES = {25: "sacrum", 26: "vertebrae_S1"}
 ROI_SUBSET = ["sacrum", "vertebrae_S1"]
@@ -133,9 +135,20 @@ def find_ct_images(bids_dir) -> list[Path]:
     return [p for p in find_images(bids_dir, include_ct=True) if BidsName.parse(p).contrast == "CT"]
 
 
+def labels_folder(bids_dir, output_dir=None) -> DerivativeFolder:
+    """``derivatives/labels`` (shared with predict's masks, same description) as this stage writes it."""
+    return derivatives.prepare(bids_dir, "labels", program=PROGRAM, output_root=output_dir,
+                               title=LABELS_DESCRIPTION[0], description=LABELS_DESCRIPTION[1])
+
+
 def ct_label_path(bids_dir, image) -> Path:
     """``<dataset>/derivatives/labels/<folder>/<CT stem>_seg.nii.gz``."""
-    return derivative_path(bids_dir, image, "labels", "seg")
+    return labels_folder(bids_dir).output_path(image, "seg")
+
+
+def label_settings(fast: bool) -> dict:
+    """The settings that change a CT label (its sidecar's ``Settings``)."""
+    return {"Task": TASK, "RoiSubset": list(ROI_SUBSET), "Fast": bool(fast)}
 
 
 def label_on_grid(seg, ct) -> tuple[nib.Nifti1Image, list[int]]:
@@ -172,93 +185,58 @@ def label_on_grid(seg, ct) -> tuple[nib.Nifti1Image, list[int]]:
     return mask_like(data, ct, binary=False), present
 
 
-def label_sidecar(rel_image: str, sha256: str, present: list[int], *, version: str, fast: bool,
-                  device: str, command_line: str) -> dict:
-    """The sidecar of a CT label (keys shared with the demo labels and read by stage 1)."""
-    return {
-        "LabelOrder": LABEL_ORDER,
-        "SacrumIndices": list(present),
-        "Labels": {str(k): V2_CLASSES[k] for k in present},
-        "GeneratedBy": [
-            {"Name": "TotalSegmentator", "Version": version, "Task": TASK, "RoiSubset": list(ROI_SUBSET),
-             "Multilabel": True, "Fast": bool(fast), "Device": device},
-            {"Name": "sacrum-masks ct-labels", "Version": __version__, "CommandLine": command_line,
-             "Date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
-        ],
-        "Sources": [f"bids::{rel_image}"],
-        "SourcesSHA256": {f"bids::{rel_image}": sha256},
-    }
+def label_fields(present: list[int]) -> dict:
+    """The CT label's own sidecar keys (shared with the demo labels and read by stage 1)."""
+    return {"LabelOrder": LABEL_ORDER, "SacrumIndices": list(present),
+            "Labels": {str(k): V2_CLASSES[k] for k in present}}
 
 
-def label_state(label: Path, image: Path) -> str:
-    """``"absent"``, ``"foreign"`` (a label this stage did not write: never touched), ``"current"``
-    (ours, CT checksum unchanged) or ``"stale"`` (ours, the CT changed since).
-
-    A sidecar of ours without its label (a run killed between the two writes: the sidecar is written
-    first) is ``"absent"``; a foreign sidecar without a label is ``"foreign"`` (never overwritten).
-    Reading the CT may raise InputError (one line for the batch).
-    """
-    data = read_json_object_or_none(sidecar_path(label))
-    gen = data.get("GeneratedBy") if data is not None else None
-    names = [g.get("Name") for g in gen if isinstance(g, dict)] if isinstance(gen, list) else []
-    ours = "sacrum-masks ct-labels" in names
-    if not label.exists():
-        return "foreign" if data is not None and not ours else "absent"
-    if not ours:
-        return "foreign"
-    sums = data.get("SourcesSHA256")
-    return "current" if isinstance(sums, dict) and ct_sha256(image) in sums.values() else "stale"
-
-
-def ct_sha256(image: Path) -> str:
-    """SHA-256 of a CT file; InputError (one line) when it cannot be read."""
-    try:
-        return sha256_file(image)
-    except OSError as exc:
-        raise InputError(image, f"cannot read ({exc.strerror or exc})") from None
+def totalseg_entry(version: str, fast: bool, device: str) -> dict:
+    """TotalSegmentator's ``GeneratedBy`` entry (before ours)."""
+    return {"Name": "TotalSegmentator", "Version": version, "Task": TASK, "RoiSubset": list(ROI_SUBSET),
+            "Multilabel": True, "Fast": bool(fast), "Device": device}
 
 
 # --------------------------------------------------------------------------- driver
 
 
 def run_ct_labels(bids_dir, *, device: str = "gpu", fast: bool = False, force: bool = False,
-                  command_line: str | None = None, batch: Batch | None = None) -> Batch:
+                  command_line: str | None = None, batch: Batch | None = None, output_dir=None) -> Batch:
     """Write the missing TotalSegmentator CT labels of one BIDS dataset.
 
     Statuses: ``written``, ``kept`` (a label exists: a dataset's own, never replaced, or one this stage
-    wrote from the same CT bytes; ``force`` redoes the latter), ``failed``. Raises TotalSegUnavailable
-    before touching anything when TotalSegmentator or its weights are missing (only checked when some CT needs a label).
+    wrote from the same CT bytes and settings; ``force`` redoes the latter), ``failed``. Raises
+    TotalSegUnavailable before touching anything when TotalSegmentator or its weights are missing (only
+    checked when some CT needs a label).
     """
     bids_dir = Path(bids_dir)
+    folder = labels_folder(bids_dir, output_dir)
     batch = batch or Batch("ct-labels")
     command_line = command_line or shlex.join(["sacrum-masks", *sys.argv[1:]])
-    images = find_ct_images(bids_dir)
+    settings = label_settings(fast)
     todo = []
-    for image in images:
+    for image in find_ct_images(bids_dir):
+        rel = image.relative_to(bids_dir).as_posix()
+        out = folder.output_path(image, "seg")
         try:
-            state = label_state(ct_label_path(bids_dir, image), image)
+            plan = folder.plan(image, [out], {folder.uri(image): image}, settings, force, clean=False)
         except InputError as exc:
-            batch.report(image.relative_to(bids_dir).as_posix(), "failed", exc.reason)
+            batch.report(rel, "failed", exc.reason if Path(exc.path) == image else str(exc))
             continue
-        if state == "foreign" or (state == "current" and not force):
-            batch.report(image.relative_to(bids_dir).as_posix(), "kept")
+        if plan.status != "write":
+            batch.report(rel, "kept")
             continue
-        todo.append(image)
+        todo.append((image, rel, out, plan))
     if not todo:
         return batch
     run_totalseg, version = load_totalsegmentator()
     check_weights(fast)
-    deriv = bids_dir / "derivatives" / "labels"
-    with folder_lock(deriv, name=".sacrum-masks-ct-labels.lock"):
-        ensure_dataset_description(deriv, name=LABELS_DESCRIPTION[0], description=LABELS_DESCRIPTION[1])
-        for image in todo:
-            rel = image.relative_to(bids_dir).as_posix()
-            out = ct_label_path(bids_dir, image)
-            side = sidecar_path(out)
-            remove_stale_temporaries(out, side)  # left by a killed run; we hold the lock
+    folder.ensure()
+    with folder_lock(folder.root, name=".sacrum-masks-ct-labels.lock"):
+        for image, rel, out, plan in todo:
+            remove_stale_temporaries(out, sidecar_path(out))  # left by a killed run; we hold the lock
             try:
                 ct, _ = load_image(image)
-                sha = ct_sha256(image)
             except InputError as exc:
                 batch.report(rel, "failed", exc.reason)
                 continue
@@ -276,17 +254,12 @@ def run_ct_labels(bids_dir, *, device: str = "gpu", fast: bool = False, force: b
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-            # Sidecar first, label last: a run killed in between leaves a sidecar without label, which
-            # label_state calls "absent" (redone). Our old label (stale, or --force) goes first, so
-            # that the new sidecar never stands beside it.
-            out.unlink(missing_ok=True)
-            write_json_atomic(label_sidecar(rel, sha, present, version=version, fast=fast, device=device,
-                                            command_line=command_line), side)
-            save_nifti_atomic(label, out)
+            folder.write({out: label}, label_fields(present), plan, {"CommandLine": command_line},
+                         before=[totalseg_entry(version, fast, device)])
             written = np.asanyarray(nib.load(str(out)).dataobj)
             if sorted(set(np.unique(written).tolist()) & set(V2_CLASSES)) != present:  # verify what we claim
                 out.unlink()
-                side.unlink(missing_ok=True)
+                sidecar_path(out).unlink(missing_ok=True)
                 batch.report(rel, "failed", f"written label lost indices {present}")
                 continue
             batch.report(rel, "written", f"indices {present}")
@@ -300,7 +273,10 @@ def run_ct_labels(bids_dir, *, device: str = "gpu", fast: bool = False, force: b
               help="TotalSegmentator device (it falls back to the CPU when no GPU is seen).")
 @click.option("--fast", is_flag=True, help="TotalSegmentator's 3 mm model (weights: -t total_fast).")
 @click.option("--force", is_flag=True, help="Redo labels this stage wrote before (a dataset's own are kept).")
-def ct_labels_command(bids_dirs: tuple[Path, ...], device: str, fast: bool, force: bool):
+@click.option("--output-dir", "output_dir", envvar="SACRUM_OUTPUT_DIR", show_envvar=True, default=None,
+              type=click.Path(path_type=Path),
+              help="Write DIR/<dataset>/derivatives/labels instead of inside each dataset (read-only datasets).")
+def ct_labels_command(bids_dirs: tuple[Path, ...], device: str, fast: bool, force: bool, output_dir):
     """Stage 0: TotalSegmentator sacrum labels (v2: sacrum 25, S1 26) for CT images of BIDS_DIRS without one.
 
     Writes derivatives/labels/sub-*/[ses-*/]anat/<CT stem>_seg.nii.gz and a sidecar (LabelOrder,
@@ -310,7 +286,7 @@ def ct_labels_command(bids_dirs: tuple[Path, ...], device: str, fast: bool, forc
     batch = Batch("ct-labels")
     try:
         for bids_dir in bids_dirs:
-            run_ct_labels(bids_dir, device=device, fast=fast, force=force, batch=batch)
+            run_ct_labels(bids_dir, device=device, fast=fast, force=force, batch=batch, output_dir=output_dir)
     except TotalSegUnavailable as exc:
         click.echo(f"ct-labels: {exc}", err=True)
         sys.exit(3)

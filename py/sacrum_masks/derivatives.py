@@ -196,17 +196,19 @@ class DerivativeFolder:
         return sums
 
     def plan(self, image: str | Path, outputs, inputs: dict[str, str | Path], settings: dict,
-             force: bool = False) -> "Plan":
+             force: bool = False, *, clean: bool = True) -> "Plan":
         """What to do for one image's outputs: a :class:`Plan` whose ``status`` is one of :data:`STATUSES`.
 
         ``outputs``: the output paths (the first one carries the sidecar); ``inputs``: ``{uri: path}``
-        (:meth:`uri`); ``settings``: every setting that changes the output (JSON values).
+        (:meth:`uri`); ``settings``: every setting that changes the output (JSON values); ``clean``:
+        remove the temporary files a killed run left (only while holding the folder's lock).
         Raises InputError for a sidecar that is there but not a JSON object, for an output path that is
         a folder, and for a file that is not ours and no longer on its image's grid.
         """
         outputs = [Path(p) for p in outputs]
         side = sidecar_path(outputs[0])
-        remove_stale_temporaries(*outputs, side)   # left by a killed run; callers hold the folder's lock
+        if clean:
+            remove_stale_temporaries(*outputs, side)   # left by a killed run; callers hold the folder's lock
         for p in (*outputs, side):
             if p.is_dir():
                 raise InputError(p, "is a folder where an output file belongs: remove it")
