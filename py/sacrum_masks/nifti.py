@@ -3,7 +3,7 @@
 * :func:`load_image` reads a file fully (so a truncated ``.nii.gz`` fails here, not later) and raises
   :class:`~sacrum_masks.errors.InputError` for anything that is not a finite 3D image.
 * :func:`mask_like` builds a binary uint8 mask on the exact grid of a reference image
-  (same shape and affine, qform and sform both set).
+  (same shape; the reference's qform and sform copied, matrices and codes: docs/DESIGN.md, "Headers").
 * :func:`save_nifti_atomic` / :func:`write_json_atomic` write a hidden temporary file in the
   destination folder and rename it into place: readers never see a half-written file.
 * :func:`to_rpi` / :func:`from_rpi` reorient to SCT's "RPI" (nibabel axis codes L, A, S) and back.
@@ -112,14 +112,21 @@ def mask_like(data: np.ndarray, reference, *, binary: bool = True) -> nib.Nifti1
     """A uint8 mask (or label) on the exact grid of ``reference``.
 
     With ``binary`` (the default) the voxels are ``data != 0`` (0 or 1); without it the label values
-    are kept, and must be integers in 0..255 (else ValueError). The new header has the reference's
-    affine as both qform and sform (codes kept from the reference where set, else 1 = scanner),
-    voxel sizes from the affine and no scaling.
+    are kept, and must be integers in 0..255 (else ValueError). The new header copies the reference's
+    qform and sform, matrices AND codes, whatever they are (a qform that differs from the sform, a code
+    0): every reader then places the mask where it places the image, whichever of the two it trusts
+    (nibabel: the sform when its code is set; ITK/SimpleITK, hence nnU-Net, ITK-SNAP and Slicer, may
+    prefer the qform). A reference that is not NIfTI gets its affine as both, code 1 (scanner). Voxel
+    sizes come from the reference, no scaling.
 
     >>> ref = nib.Nifti1Image(np.zeros((2, 3, 4), np.float32), np.diag([2., 2., 3., 1.]))
+    >>> ref.set_qform(np.diag([2., 2., 3., 1.]), code=1)
+    >>> ref.set_sform(np.array([[2., 0, 0, 5], [0, 2, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]]), code=2)
     >>> m = mask_like(np.ones((2, 3, 4)), ref)
-    >>> m.get_data_dtype(), m.shape, bool((m.get_qform() == m.get_sform()).all())
-    (dtype('uint8'), (2, 3, 4), True)
+    >>> m.get_data_dtype(), m.shape, [int(m.header[k]) for k in ("qform_code", "sform_code")]
+    (dtype('uint8'), (2, 3, 4), [1, 2])
+    >>> bool((m.get_qform() == ref.get_qform()).all() and (m.get_sform() == ref.get_sform()).all())
+    True
     """
     if tuple(data.shape) != tuple(reference.shape[:3]):
         raise ValueError(f"mask shape {data.shape} differs from reference shape {reference.shape}")
@@ -132,10 +139,15 @@ def mask_like(data: np.ndarray, reference, *, binary: bool = True) -> nib.Nifti1
         if not np.array_equal(voxels, data):
             raise ValueError("label values are not integers in 0..255 (they do not fit uint8)")
     out = nib.Nifti1Image(voxels, affine)
-    qcode = int(reference.header["qform_code"]) if isinstance(reference, nib.Nifti1Image) else 0
-    scode = int(reference.header["sform_code"]) if isinstance(reference, nib.Nifti1Image) else 0
-    out.set_qform(affine, code=qcode or 1)
-    out.set_sform(affine, code=scode or 1)
+    if isinstance(reference, nib.Nifti1Image):   # Nifti2Image is a subclass: same header fields
+        ref = reference.header
+        out.header.set_qform(ref.get_qform(), code=int(ref["qform_code"]))
+        out.header.set_sform(ref.get_sform(), code=int(ref["sform_code"]))
+        out.header.set_zooms(ref.get_zooms()[:3])
+        out.update_header()
+    else:
+        out.set_qform(affine, code=1)
+        out.set_sform(affine, code=1)
     out.header.set_xyzt_units("mm", "sec")
     out.set_data_dtype(np.uint8)
     return out
