@@ -35,6 +35,10 @@ Options (environment variable, default):
   --tile-step X          sliding-window step, fraction of the patch (TILE_STEP, 0.5)
   --mirroring            test-time mirroring, slower (MIRRORING=1; default off)
   --shard I/N            only shard I of N of the sorted image list (SHARD, 1/1)
+  --contrast LIST        contrasts to segment, e.g. T1w,T2w (SACRUM_CONTRAST; default: the config's
+                         CONTRASTS, else the model's training contrasts); others: "skipped (contrast)"
+  --output-dir DIR       write DIR/<dataset>/derivatives/labels, not inside the datasets (SACRUM_OUTPUT_DIR;
+                         for read-only datasets)
   --force                rewrite our masks even when up to date (FORCE=1); manual masks are always kept
   --wait                 wait for another run on the same dataset instead of exiting (WAIT=1)
   -h, --help             this help
@@ -71,7 +75,7 @@ main() {
   while (( $# > 0 )); do
     case "$1" in
       -h|--help) usage; return 0 ;;
-      --config|--datasets-path|--bids|--model|--model-zip|--fold|--checkpoint|--gpu|--tile-step|--shard)
+      --config|--datasets-path|--bids|--model|--model-zip|--fold|--checkpoint|--gpu|--tile-step|--shard|--contrast|--output-dir)
         if (( $# < 2 )); then err "$1 needs a value (see --help)"; return 2; fi
         case "$1" in
           --config) config="$2" ;;
@@ -84,6 +88,8 @@ main() {
           --gpu) gpu="$2" ;;
           --tile-step) tile_step="$2" ;;
           --shard) shard="$2" ;;
+          --contrast) export SACRUM_CONTRAST="$2" ;;      # read by sacrum-masks predict (click envvar)
+          --output-dir) export SACRUM_OUTPUT_DIR="$2" ;;
         esac
         shift 2 ;;
       --mirroring) mirroring=1; shift ;;

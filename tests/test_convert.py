@@ -163,6 +163,10 @@ def test_convert_writes_nnunet_layout(tmp_path):
     assert dj["labels"] == {"background": 0, "sacrum": 1}
     assert (dj["numTraining"], dj["file_ending"], dj["channel_names"]) == (n_tr, ".nii.gz", {"0": "multi_contrasts"})
     conv = json.loads((ds / "conversion.json").read_text())
+    # the training contrasts travel with the model (its dataset.json): predict's default --contrast
+    tr_contrasts = {Path(rec["image"]).name.split("_")[-1].split(".")[0] for rec in conv["Cases"].values()
+                    if rec["split"] == "Tr"}
+    assert set(dj["sacrum_masks_contrasts"]) >= tr_contrasts and dj["sacrum_masks_contrasts"]
     assert len(conv["Cases"]) == 7
     for cid, rec in conv["Cases"].items():
         assert rec["label"].startswith(rec["image"].split("/")[0] + "/derivatives/reg-labels/")

@@ -318,6 +318,16 @@ def _build(cases, tmp: Path, dname: str, tol: float, skip_invalid: bool, batch: 
     return result
 
 
+def training_contrasts(config: dict, result: ConvertResult) -> list[str]:
+    """The image contrasts the model is trained on: the config's ``CONTRASTS`` code, else those of its cases."""
+    from .config import CONTRASTS
+
+    if config.get("CONTRASTS") in CONTRASTS:
+        return list(CONTRASTS[config["CONTRASTS"]])
+    return sorted({BidsName.parse(Path(rec["image"]).name).contrast for rec in result.cases.values()
+                   if rec["split"] == "Tr"} - {None})
+
+
 def _write_records(tmp: Path, name: str, config: dict, result: ConvertResult, fingerprint, skip_invalid) -> None:
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -328,6 +338,8 @@ def _write_records(tmp: Path, name: str, config: dict, result: ConvertResult, fi
         description=f"Sacrum masks; {result.num_training} training, {result.num_test} test cases; "
                     f"images and labels reoriented to RPI ({''.join(RPI_AXCODES)} nibabel axis codes)",
         license="see the source datasets", converted_by=f"sacrum-masks {__version__} convert",
+        # carried into the model folder's dataset.json by nnU-Net: predict's default --contrast
+        sacrum_masks_contrasts=training_contrasts(config, result),
     )
     hashes = {(d["image"], d["label"]): d for d in fingerprint if "image" in d}
     cases = {}

@@ -86,7 +86,7 @@ class DerivativeFolder:
     Build it with :func:`prepare`.
     """
 
-    dataset: Path                     # the raw dataset (read only)
+    dataset: Path | None              # the raw dataset (read only); None for a report on several datasets
     pipeline: str                     # labels, reg-labels, qc-sacrum, ...
     root: Path                        # <output root or dataset>/derivatives/<pipeline>
     program: str                      # GeneratedBy Name of our sidecars ("sacrum-masks register-ct", ...)
@@ -137,19 +137,21 @@ class DerivativeFolder:
     # -- the folder's own files -------------------------------------------------------------------
 
     def dataset_description(self) -> dict:
-        links = {RAW: _link_value(self.dataset, self.root, self.external)}
+        links = {RAW: _link_value(self.dataset, self.root, self.external)} if self.dataset is not None else {}
         for name, folder in self.links:
             links[name] = _link_value(folder, self.root, self.external)
         generated = {"Name": TOOL, "Version": __version__}
         if self.description:
             generated["Description"] = self.description
-        return {"Name": self.title or f"{self.dataset.name} {self.pipeline}", "BIDSVersion": BIDS_VERSION,
-                "DatasetType": "derivative", "GeneratedBy": [generated], "DatasetLinks": links}
+        desc = {"Name": self.title or self.pipeline, "BIDSVersion": BIDS_VERSION,
+                "DatasetType": "derivative", "GeneratedBy": [generated]}
+        return {**desc, "DatasetLinks": links} if links else desc
 
     def readme(self) -> str:
+        source = (f"Derivative of the BIDS dataset `{self.dataset.name}` (DatasetLinks \"raw\" in "
+                  f"dataset_description.json)" if self.dataset is not None else "Derivative of BIDS datasets")
         return (f"# {self.title or self.pipeline}\n\n{self.description or self.pipeline}.\n\n"
-                f"Derivative of the BIDS dataset `{self.dataset.name}` (DatasetLinks \"raw\" in "
-                f"dataset_description.json), written by sacrum-masks {__version__}.\n\n"
+                f"{source}, written by sacrum-masks {__version__}.\n\n"
                 "File names follow NeuroPoly's conventions (`*_seg`, `*_label-sacrum_seg`, read by the Spinal "
                 "Cord Toolbox), which are not BIDS suffixes: `.bidsignore` declares them. Each output's JSON "
                 "sidecar records what made it (GeneratedBy), its inputs as BIDS URIs (Sources, "
@@ -364,6 +366,8 @@ def _read_json(path: Path):
 
 def _merged_description(old: dict, new: dict) -> dict:
     """A description of ours refreshed: our keys replaced, DatasetLinks merged, others' keys kept."""
+    if "DatasetLinks" not in new:
+        return {**old, **new}
     links = {**(old.get("DatasetLinks") or {}), **new["DatasetLinks"]} if isinstance(old.get("DatasetLinks"), dict) \
         else new["DatasetLinks"]
     return {**old, **new, "DatasetLinks": links}

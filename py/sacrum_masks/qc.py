@@ -39,11 +39,10 @@ import click
 import nibabel as nib
 import numpy as np
 
-from . import __version__
+from . import __version__, derivatives
 from . import qc_checks as qcc
 from .batch import Batch, folder_lock
-from .bids import (NIFTI_EXTENSIONS, BidsName, ensure_dataset_description, iter_anat_files, sidecar_path,
-                   split_extension, suffix_parts)
+from .bids import NIFTI_EXTENSIONS, BidsName, iter_anat_files, sidecar_path, split_extension, suffix_parts
 from .config import read_json_object_or_none
 from .errors import InputError
 from .nifti import atomic_path, load_image, same_grid, to_rpi, voxel_volume_ml, write_json_atomic, write_text_atomic
@@ -311,14 +310,18 @@ class QcEntry:
 
 
 def dataset_root_of(deriv_dir: Path) -> Path:
-    """``<dataset>`` of ``<dataset>/derivatives/<pipeline>``; InputError for any other folder."""
+    """The raw dataset of ``<dataset>/derivatives/<pipeline>`` (or of ``DIR/<dataset>/derivatives/<pipeline>``
+    written with ``--output-dir``: its ``DatasetLinks.raw``); InputError for any other folder."""
     deriv_dir = Path(deriv_dir)
     if not deriv_dir.is_dir():
         raise InputError(deriv_dir, "not a folder")
     resolved = deriv_dir.resolve()
     if resolved.parent.name != "derivatives":
         raise InputError(deriv_dir, "expected a derivatives folder <dataset>/derivatives/<pipeline>")
-    return resolved.parent.parent
+    raw = derivatives.raw_dataset_of(resolved)
+    if not raw.is_dir():
+        raise InputError(deriv_dir, f"its raw dataset {raw} (DatasetLinks.raw) is not a folder")
+    return raw
 
 
 def find_masks(deriv_dir: Path, suffix: str = DEFAULT_SUFFIX) -> list[Path]:
@@ -360,10 +363,11 @@ def items_from_derivatives(deriv_dir: Path, suffix: str | None = None) -> tuple[
     dataset = dataset_root_of(deriv_dir)
     suffix = suffix or PIPELINE_SUFFIX.get(deriv_dir.resolve().name, DEFAULT_SUFFIX)
     root = dataset.parent
+    mask_root = deriv_dir.resolve().parents[2]   # the folder holding <dataset>/derivatives/<pipeline>
     items = []
     for mask in find_masks(deriv_dir, suffix):
         rel_dir = mask.parent.resolve().relative_to(deriv_dir.resolve())
-        key = (mask.parent.resolve() / mask.name).relative_to(root).as_posix()
+        key = (mask.parent.resolve() / mask.name).relative_to(mask_root).as_posix()
         image = image_for_mask(mask, deriv_dir, dataset, suffix)
         items.append(QcItem(mask, image, key, (rel_dir / _png_name(mask)).as_posix(), dataset.name,
                             image.relative_to(root).as_posix()))
@@ -392,18 +396,24 @@ def items_from_config(config_path: Path, datasets_path: Path | None = None) -> t
     return items, root
 
 
-def qc_output_dir(*, deriv_dir: Path | None = None, config: Path | None = None, out_dir: Path | None = None) -> Path:
+def qc_output_dir(*, deriv_dir: Path | None = None, config: Path | None = None, out_dir: Path | None = None,
+                  output_root: Path | None = None) -> Path:
     """Where a report goes, checked: ``--out`` when given, else the default for the source.
 
-    Defaults: ``<dataset>/derivatives/qc-sacrum`` for ``derivatives/labels``,
-    ``<dataset>/derivatives/qc-sacrum-<pipeline>`` for another pipeline (``qc-sacrum-reg-labels``),
+    Defaults: ``qc-sacrum`` beside ``derivatives/labels``, ``qc-sacrum-<pipeline>`` beside another
+    pipeline (``qc-sacrum-reg-labels``), so a derivative written with ``--output-dir`` gets its report
+    there too; with ``output_root`` (``--output-dir``), ``<output_root>/<dataset>/derivatives/qc-sacrum*``;
     ``<config folder>/<config stem>_qc`` for a config. The folder may not be the derivatives folder or a
-    dataset. (The one place that decides the folder: its BIDS files are added here too.)
+    dataset. (The one place that decides the folder: its BIDS files are added in :func:`prepare_output_dir`.)
     """
     if deriv_dir is not None:
         dataset = dataset_root_of(deriv_dir)
         name = Path(deriv_dir).resolve().name
-        default = dataset / "derivatives" / (QC_PIPELINE if name == "labels" else f"{QC_PIPELINE}-{name}")
+        qc_name = QC_PIPELINE if name == "labels" else f"{QC_PIPELINE}-{name}"
+        if output_root is not None:
+            default = derivatives.prepare(dataset, qc_name, program=QC_PROGRAM, output_root=output_root).root
+        else:
+            default = Path(deriv_dir).resolve().parent / qc_name
         forbidden = {Path(deriv_dir).resolve(), dataset}
     else:
         config = Path(config)
@@ -415,11 +425,18 @@ def qc_output_dir(*, deriv_dir: Path | None = None, config: Path | None = None, 
     return out
 
 
-def prepare_output_dir(out_dir: Path) -> None:
-    """Create the report folder and its ``dataset_description.json``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ensure_dataset_description(out_dir, name="Sacrum mask QC",
-                               description="qc: pictures, plausibility checks and review page of sacrum masks")
+QC_PROGRAM = "sacrum-masks qc"
+
+
+def prepare_output_dir(out_dir: Path, dataset: Path | None = None) -> None:
+    """Create the report folder as a BIDS derivative: ``dataset_description.json`` (DatasetLinks to the
+    raw ``dataset`` when there is one), ``README`` and a ``.bidsignore`` declaring the report's files, so
+    that the BIDS validator passes it (docs/DESIGN.md, "Derivatives")."""
+    folder = derivatives.DerivativeFolder(
+        Path(dataset).resolve() if dataset is not None else None, Path(out_dir).name, Path(out_dir), QC_PROGRAM,
+        description="qc: pictures, plausibility checks and review page of sacrum masks", title="Sacrum mask QC",
+        external=dataset is not None and Path(dataset).resolve() not in Path(out_dir).resolve().parents)
+    folder.ensure()
 
 
 def measure_item(item: QcItem, out_dir: Path, *, force: bool = False) -> tuple[QcEntry, bool]:
@@ -498,7 +515,7 @@ def cohort_checks(entries: list[QcEntry]) -> None:
 
 def run_report(items: list[QcItem], root: Path, out_dir: Path, *, title: str, source: str, suffix: str,
                force: bool = False, command_line: str | None = None,
-               batch: Batch | None = None) -> tuple[list[QcEntry], Path]:
+               batch: Batch | None = None, dataset: Path | None = None) -> tuple[list[QcEntry], Path]:
     """Write the report of a list of masks: PNGs, ``qc.json``, ``index.html``. One line per mask in ``batch``."""
     from .qc_page import build_index_html
 
@@ -507,7 +524,7 @@ def run_report(items: list[QcItem], root: Path, out_dir: Path, *, title: str, so
     gen = {"Name": "sacrum-masks qc", "Version": __version__, "CommandLine": command_line,
            "Date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     entries: list[QcEntry] = []
-    prepare_output_dir(out_dir)
+    prepare_output_dir(out_dir, dataset)
     with folder_lock(out_dir, name=".sacrum-masks-qc.lock"):
         for item in items:
             try:
@@ -544,7 +561,8 @@ def run_report(items: list[QcItem], root: Path, out_dir: Path, *, title: str, so
 
 
 def run_qc(deriv_dir, out_dir=None, *, suffix: str | None = None, force: bool = False,
-           command_line: str | None = None, batch: Batch | None = None) -> tuple[list[QcEntry], Path]:
+           command_line: str | None = None, batch: Batch | None = None,
+           output_root=None) -> tuple[list[QcEntry], Path]:
     """The report of a derivatives folder (``labels``: stage 4; ``reg-labels``: stage 1).
 
     Parameters
@@ -561,18 +579,21 @@ def run_qc(deriv_dir, out_dir=None, *, suffix: str | None = None, force: bool = 
         Recorded in the report (default: ``sys.argv``).
     batch : Batch, optional
         Receives one line per mask (statuses ``written``, ``up to date``, ``failed``).
+    output_root : path-like, optional
+        ``--output-dir``: the report goes to ``<output_root>/<dataset>/derivatives/qc-sacrum*``.
 
     Returns
     -------
     (list of QcEntry, worst first; Path of index.html)
     """
     deriv_dir = Path(deriv_dir)
-    out = qc_output_dir(deriv_dir=deriv_dir, out_dir=Path(out_dir) if out_dir is not None else None)
+    out = qc_output_dir(deriv_dir=deriv_dir, out_dir=Path(out_dir) if out_dir is not None else None,
+                        output_root=output_root)
     items, root, suffix = items_from_derivatives(deriv_dir, suffix)
-    source = deriv_dir.resolve().relative_to(root).as_posix()
+    source = deriv_dir.resolve().relative_to(deriv_dir.resolve().parents[2]).as_posix()
     kind = "registration QC (stage 1)" if deriv_dir.resolve().name == "reg-labels" else "masks"
     return run_report(items, root, out, title=f"{source} ({kind})", source=source, suffix=suffix, force=force,
-                      command_line=command_line, batch=batch)
+                      command_line=command_line, batch=batch, dataset=dataset_root_of(deriv_dir))
 
 
 def run_qc_config(config, out_dir=None, *, datasets_path=None, force: bool = False,
@@ -597,8 +618,11 @@ def run_qc_config(config, out_dir=None, *, datasets_path=None, force: bool = Fal
 @click.option("--suffix", default=None,
               help="Mask name suffix before .nii.gz [default: _label-sacrum_seg; _seg in reg-labels].")
 @click.option("--force", is_flag=True, help="Redraw every picture.")
+@click.option("--output-dir", "output_dir", envvar="SACRUM_OUTPUT_DIR", show_envvar=True, default=None,
+              type=click.Path(path_type=Path),
+              help="Write the report to DIR/<dataset>/derivatives/qc-sacrum* (read-only datasets).")
 def qc_command(deriv_dir: Path | None, config: Path | None, datasets_path: Path | None, out_dir: Path | None,
-               suffix: str | None, force: bool):
+               suffix: str | None, force: bool, output_dir: Path | None):
     """QC report of DERIV_DIR (<dataset>/derivatives/labels or reg-labels) or of --config's masks.
 
     Checks each mask (empty, volume, extra components, S-I border, holes, left-right asymmetry, position and
@@ -612,7 +636,7 @@ def qc_command(deriv_dir: Path | None, config: Path | None, datasets_path: Path 
     if config is not None:
         entries, index = run_qc_config(config, out_dir, datasets_path=datasets_path, force=force, batch=batch)
     else:
-        entries, index = run_qc(deriv_dir, out_dir, suffix=suffix, force=force, batch=batch)
+        entries, index = run_qc(deriv_dir, out_dir, suffix=suffix, force=force, batch=batch, output_root=output_dir)
     flagged = sum(1 for en in entries if en.flags)
     click.echo(batch.summary(["written", "up to date", "failed"]) + f" ({flagged} flagged); report: {index}")
     sys.exit(batch.exit_code)

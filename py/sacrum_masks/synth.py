@@ -76,7 +76,7 @@ from scipy.ndimage import gaussian_filter
 
 from . import __version__
 from .errors import InputError
-from .nifti import mask_like, save_nifti_atomic, write_json_atomic
+from .nifti import mask_like, save_nifti_atomic, write_json_atomic, write_text_atomic
 
 # ----------------------------------------------------------------------------------------------------------
 # structures (codes of the internal structure map) and look-up tables
@@ -525,10 +525,18 @@ def write_demo_datasets(out: str | Path, seed: int = 0, subjects: int | None = N
         write_json_atomic({"Name": f"{spec.name} (synthetic demo)", "BIDSVersion": "1.9.0", "DatasetType": "raw",
                            "Description": spec.description, "GeneratedBy": _generated_by(), "Seed": seed},
                           root / "dataset_description.json")
+        # as the real datasets do: a README, and CT (not a BIDS 1.x anat suffix) declared in .bidsignore,
+        # so the BIDS validator passes the demo (docs/DESIGN.md, "Derivatives")
+        write_text_atomic(f"# {spec.name} (synthetic demo)\n\n{spec.description}\n", root / "README")
+        write_text_atomic("*_CT.nii.gz\n*_CT.json\n", root / ".bidsignore")
         if spec.ct_scheme or spec.mri_scheme:
+            labels = root / "derivatives" / "labels"
             write_json_atomic({"Name": f"{spec.name} labels (synthetic demo)", "BIDSVersion": "1.9.0",
                                "DatasetType": "derivative", "GeneratedBy": _generated_by()},
-                              root / "derivatives" / "labels" / "dataset_description.json")
+                              labels / "dataset_description.json")
+            write_text_atomic(f"# {spec.name} labels (synthetic demo)\n\nSacrum labels (NeuroPoly names `*_seg`, "
+                              "declared in .bidsignore).\n", labels / "README")
+            write_text_atomic("*_seg.nii.gz\n*_seg.json\n", labels / ".bidsignore")
         rows = [r for r in plan if r["dataset"] == spec.name]
         subs = sorted({r["subject"] for r in rows})
         for sub in subs:
