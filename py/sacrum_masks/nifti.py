@@ -1,4 +1,4 @@
-"""NIfTI input/output with the contracts of DESIGN.md.
+"""NIfTI input/output with the contracts of docs/DESIGN.md.
 
 * :func:`load_image` reads a file fully (so a truncated ``.nii.gz`` fails here, not later) and raises
   :class:`~sacrum_masks.errors.InputError` for anything that is not a finite 3D image.
