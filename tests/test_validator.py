@@ -54,7 +54,8 @@ def errors(report: dict) -> list[tuple[str, str]]:
 def declared(folder: Path, location: str) -> bool:
     """Whether ``folder/.bidsignore`` declares ``location`` (a path from the folder's root, ``/sub-01/...``)."""
     rel = location.lstrip("/")
-    for pattern in (folder / ".bidsignore").read_text().split():
+    lines = (folder / ".bidsignore").read_text().splitlines()
+    for pattern in (line.strip() for line in lines if line.strip() and not line.startswith("#")):
         target = rel if "/" in pattern.strip("/") else rel.rsplit("/", 1)[-1]
         if fnmatch.fnmatch(target, pattern.strip("/")):
             return True

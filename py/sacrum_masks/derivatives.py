@@ -53,6 +53,7 @@ RAW = "raw"
 BIDSIGNORE = ("*_seg.nii.gz", "*_seg.nii", "*_seg.json", "*_label-sacrum_seg.*", "*_seg.*", "*.png",
               "index.html", "qc.json", "review.json", "*.lock")
 STATUSES = ("write", "up to date", "kept")
+IGNORE_HEADER = "# NeuroPoly derivative names (not BIDS suffixes) and QC files; written by sacrum-masks"
 
 
 # --------------------------------------------------------------------------------------------- URIs
@@ -161,8 +162,9 @@ class DerivativeFolder:
     def ensure(self) -> None:
         """Create the folder with ``dataset_description.json``, ``README`` and ``.bidsignore``.
 
-        Files we wrote before are brought up to date (a moved root, new links); a description written
-        by someone else is never touched. A path component that is a file is one InputError.
+        Files we wrote before are brought up to date (a moved root, new links); a description, README or
+        .bidsignore written by someone else (a dataset's own ``derivatives/labels``) is never touched. A path
+        component that is a file is one InputError.
         """
         for parent in (self.root, *self.root.parents):
             if parent.exists() and not parent.is_dir():
@@ -179,11 +181,11 @@ class DerivativeFolder:
             write_json_atomic(_merged_description(old or {}, self.dataset_description()), desc_path)
         if not (self.root / "README").exists():
             write_text_atomic(self.readme(), self.root / "README")
-        ignore = self.root / ".bidsignore"
-        have = ignore.read_text(encoding="utf-8").splitlines() if ignore.is_file() else []
-        missing = [p for p in BIDSIGNORE if p not in have]
-        if missing:
-            write_text_atomic("\n".join(have + missing) + "\n", ignore)
+        ignore = self.root / ".bidsignore"   # ours (first line IGNORE_HEADER) is kept complete; another's is left alone
+        have = ignore.read_text(encoding="utf-8").splitlines() if ignore.is_file() else None
+        if have is None or (have[:1] == [IGNORE_HEADER] and any(p not in have for p in BIDSIGNORE)):
+            have = have or [IGNORE_HEADER]
+            write_text_atomic("\n".join(have + [p for p in BIDSIGNORE if p not in have]) + "\n", ignore)
 
     # -- outputs ---------------------------------------------------------------------------------
 
