@@ -57,6 +57,8 @@ FIG_DPI = 90
 PNG_SIZE = (int(FIG_SIZE_IN[0] * FIG_DPI), int(FIG_SIZE_IN[1] * FIG_DPI))
 STRIP_SLICES = 7
 TOOL_NAME = "sacrum-masks"
+#: the GeneratedBy names of our stages (4: predict, 1: register-ct, 0: ct-labels)
+OUR_PROGRAMS = (TOOL_NAME, "sacrum-masks register-ct", "sacrum-masks ct-labels")
 
 #: flag -> short label on the page
 FLAG_TEXT = {
@@ -89,16 +91,14 @@ def sidecar_kind(sidecar: dict | None, readable: bool = True) -> str:
     'ours'
     >>> sidecar_kind({"GeneratedBy": [{"Name": "sacrum-masks"}, {"Author": "J. Doe", "Date": "2026"}]})
     'manual'
+    >>> sidecar_kind({"GeneratedBy": [{"Name": "sacrum-masks register-ct"}]})
+    'ours'
     >>> sidecar_kind(None), sidecar_kind(None, readable=False)
     ('manual', 'unreadable')
     """
     if not readable:
         return "unreadable"
-    try:
-        last = sidecar["GeneratedBy"][-1]
-        return "ours" if isinstance(last, dict) and last.get("Name") == TOOL_NAME else "manual"
-    except (TypeError, KeyError, IndexError):
-        return "manual"
+    return "ours" if any(derivatives.is_ours(sidecar, p) for p in OUR_PROGRAMS) else "manual"
 
 
 def read_sidecar(mask: Path) -> tuple[dict | None, bool]:
