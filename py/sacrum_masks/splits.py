@@ -162,18 +162,17 @@ def ensure_splits(raw_dir: Path, pp_dir: Path, folds, force: bool = False, say=p
     except (OSError, ValueError):
         raise SplitError(record, "unreadable: rebuild the dataset (make dataset FORCE=1)") from None
     cases = training_cases(conversion)
+    seed = int(conversion.get("Seed", 0))
     numbered = [f for f in folds if f != "all"]
-    only_fold0 = all(f == 0 for f in numbered)
     try:
-        wanted = make_splits(cases, int(conversion.get("Seed", 0)), only_fold0=False)
+        wanted = make_splits(cases, seed)
     except SplitError:
-        if not only_fold0:
-            raise
-        if not numbered:          # FOLD=all: nnU-Net reads no split
-            return path
-        wanted = make_splits(cases, int(conversion.get("Seed", 0)), only_fold0=True)
-        if not any(k == "VALIDATION" for k, _ in cases.values()):
-            raise
+        has_val = any(key == "VALIDATION" for key, _ in cases.values())
+        if any(f != 0 for f in numbered) or (numbered and not has_val):
+            raise                                     # folds 1-4, or fold 0 without VALIDATION: impossible
+        if not numbered:
+            return None                               # FOLD=all alone: nnU-Net reads no split
+        wanted = make_splits(cases, seed, only_fold0=True)
     for line in leaks(wanted[:1], cases):
         say(f"warning: the config puts one person in TRAINING and VALIDATION ({line}); fold 0 keeps the "
             f"config as it is")
