@@ -1,24 +1,38 @@
-"""``sacrum-masks train`` (stage 3, ``make train`` / bin/train.sh): plan, preprocess, train, evaluate, export.
+"""``sacrum-masks train`` (stage 3, ``make train`` / bin/train.sh): plan, preprocess, split, train, evaluate, export.
 
 For the dataset ``$nnUNet_raw/Dataset<DNUM>_<name>`` (built by bin/dataset.sh from ``--config`` when
-absent) and the model folder ``M = $nnUNet_results/Dataset<DNUM>_<name>/<TRAINER>__nnUNetPlans__<CONFIGURATION>``:
+absent) and the model folder ``M = $nnUNet_results/Dataset<DNUM>_<name>/<TRAINER>__nnUNetPlans__<CONFIGURATION>``,
+in stages (``--stage``, env ``TRAIN_STAGE``; ``all`` runs the three; bin/slurm_train.sh calls them one by one):
 
-1. the device is checked first (``sacrum-masks check-device``, in a child process so that no CUDA
-   context stays in this one), before anything is written;
-2. ``nnUNetv2_plan_and_preprocess`` runs unless the stamp ``.sacrum-raw-fingerprint-<config>`` in the
-   preprocessed folder holds the raw dataset's :func:`raw_fingerprint` (a changed raw dataset also
-   drops its old ``splits_final.json``); ``3d_fullres_small`` is planned as ``3d_fullres`` and added by
-   ``sacrum-masks add-plans``;
-3. each fold is trained (:func:`fold_state`: kept when finished, resumed with ``--c`` from
-   ``checkpoint_latest.pth``, or trained from scratch), ``imagesTs`` is predicted into a temporary folder
-   renamed when complete and evaluated against ``labelsTs`` (``M/evaluation_fold<F>.csv`` and ``.txt``);
-4. all finished folds are exported to ``$nnUNet_results/<dataset>__<TRAINER>__nnUNetPlans__<CONFIGURATION>.zip``.
+``prepare``
+    ``nnUNetv2_plan_and_preprocess`` unless the stamp ``.sacrum-raw-fingerprint-<config>`` in the
+    preprocessed folder holds the raw dataset's :func:`raw_fingerprint` (``3d_fullres_small`` is planned as
+    ``3d_fullres`` and added by ``sacrum-masks add-plans``), then ``splits_final.json`` from the config
+    (:mod:`sacrum_masks.splits`: fold 0 = TRAINING/VALIDATION, folds 1-4 grouped by person). Under the
+    dataset lock ``$nnUNet_results/.Dataset<DNUM>.train.lock``: exclusive when something has to change;
+    when folds are training (they hold it shared) only an up-to-date preparation goes on.
+``fold``
+    each fold of ``--fold`` (:mod:`sacrum_masks.folds`: ``0``..``4``, a list, ``all`` = ``fold_all``) under
+    its own lock ``$nnUNet_results/.Dataset<DNUM>.<model>.fold_<F>.lock`` (dataset lock shared), so
+    ``FOLD=1 GPU=1`` trains beside ``FOLD=0 GPU=0``. A fold is kept when finished, resumed with ``--c``
+    from ``checkpoint_latest.pth``, or trained from scratch (:func:`fold_state`); afterwards the cases
+    nnU-Net validated are compared with the fold's ``val`` list. ``--gpu 0,1`` (or ``cpu,cpu``) runs the
+    folds side by side, one child ``--stage fold`` per entry at a time (log ``M/train_fold_<F>.log``); a
+    failed fold is named, the others finish, the exit status is 1.
+``finish``
+    once every fold of ``--fold`` has ``checkpoint_final.pth`` and ``checkpoint_best.pth``: the test
+    split is segmented from its original images through stage 4's code path and defaults
+    (``sacrum-masks evaluate-model``, :mod:`sacrum_masks.model_eval`; the folds as one ensemble) into
+    ``M/evaluation_fold<F>[-<F>...].csv`` / ``.txt``; then every finished fold is exported, with both
+    checkpoints, to ``$nnUNet_results/<dataset>__<TRAINER>__nnUNetPlans__<CONFIGURATION>.zip``.
 
+The device of every ``--gpu`` entry is checked first (``sacrum-masks check-device``, in a child process so
+that no CUDA context stays in this one), before anything is written. nnU-Net's worker counts
+(``nnUNet_def_n_proc``, ``nnUNet_n_proc_DA``) default to the CPU count shared by the folds running at once.
 Every nnU-Net command runs in its own process group (its data-augmentation workers included); on
-SIGINT or SIGTERM the group is terminated (SIGTERM, then SIGKILL 2 s later) and the command exits
-128 + signal number (130, 143). One training per dataset number at a time: ``flock`` on
-``$nnUNet_results/.Dataset<DNUM>.train.lock``, inherited by the nnU-Net commands, so that orphaned
-workers of a killed run still hold it.
+SIGINT or SIGTERM the groups are terminated (SIGTERM, then SIGKILL 2 s later) and the command exits
+128 + signal number (130, 143). The lock files are inherited by the nnU-Net commands, so that orphaned
+workers of a killed run still hold them.
 """
 
 from __future__ import annotations
@@ -490,7 +504,8 @@ def prepare(run: Run) -> None:
         # nnUNet_n_proc_DA=0 (augment in the main process) breaks planning: it is for training only
         plan_env = {k: v for k, v in nnunet_env(dict(os.environ)).items() if k != "nnUNet_n_proc_DA"}
         run.groups.run(["nnUNetv2_plan_and_preprocess", "-d", run.dnum, "-c", pp_config,
-                        "--verify_dataset_integrity", "-np", plan_env["nnUNet_def_n_proc"]], env=plan_env)
+                        "--verify_dataset_integrity", "-np", plan_env["nnUNet_def_n_proc"],
+                        "-npfp", plan_env["nnUNet_def_n_proc"]], env=plan_env)
         stamp.write_text(fingerprint + "\n", encoding="utf-8")
     if run.configuration == "3d_fullres_small":
         from .plans import add_plans_command
