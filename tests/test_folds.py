@@ -179,7 +179,7 @@ def test_evaluation_is_the_dice_of_stage_4_masks(two_folds, tmp_path):
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    from sacrum_masks.model_eval import test_cases
+    from sacrum_masks.model_eval import held_out_cases
 
     model = two_folds.model
     rows = read_rows(model / "evaluation_fold0-1.csv")
@@ -187,7 +187,7 @@ def test_evaluation_is_the_dice_of_stage_4_masks(two_folds, tmp_path):
     assert ("folds 0 1, checkpoint best, mirroring off, tile step 0.5, largest component (26-connected), "
             "original grids") in summary
     assert {r["checkpoint"] for r in rows} == {"best"} and {r["folds"] for r in rows} == {"0 1"}
-    cases = {tc.case: tc for tc in test_cases(two_folds.data / "nnUNet" / "raw" / DNAME)}
+    cases = {tc.case: tc for tc in held_out_cases(two_folds.data / "nnUNet" / "raw" / DNAME)}
     assert sorted(r["case"] for r in rows) == sorted(cases) and all(r["status"] == "ok" for r in rows)
 
     # the masks are stage 4's: generate_sacrum.sh --fold "0 1" on the same original images writes the same
@@ -220,11 +220,11 @@ def test_evaluation_is_the_dice_of_stage_4_masks(two_folds, tmp_path):
 @pytest.mark.slow
 def test_stage_4_ensemble_writes_the_evaluated_masks(two_folds, tmp_path):
     """generate_sacrum.sh --fold "0 1" (one ensemble) on the test images: the evaluation's masks exactly."""
-    from sacrum_masks.model_eval import test_cases
+    from sacrum_masks.model_eval import held_out_cases
 
     model = two_folds.model
     raw = two_folds.data / "nnUNet" / "raw" / DNAME
-    cases = test_cases(raw)
+    cases = held_out_cases(raw)
     datasets_path = Path(json.loads((raw / "conversion.json").read_text())["DatasetsPath"])
     root = tmp_path / "datasets"
     cfg = {"TYPE": "IMAGE", "CONTRASTS": "t1_t2", "DATASETS_PATH": str(root), "TESTING": []}
@@ -258,12 +258,12 @@ def test_in_process_prediction_equals_nnunetv2_predict(two_folds, tmp_path, fold
     RPI file (the converted imagesTs case) with the same checkpoint, no test-time mirroring and tile step."""
     import SimpleITK as sitk
 
-    from sacrum_masks.model_eval import test_cases
+    from sacrum_masks.model_eval import held_out_cases
     from sacrum_masks.nifti import load_image, to_rpi
     from sacrum_masks.predict import NnunetModel, Settings, nnunet_input
 
     raw = two_folds.data / "nnUNet" / "raw" / DNAME
-    cases = test_cases(raw)[:2]
+    cases = held_out_cases(raw)[:2]
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     for tc in cases:

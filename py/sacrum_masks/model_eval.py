@@ -35,13 +35,13 @@ SETTING_COLUMNS = ("folds", "checkpoint", "mirroring", "tile_step", "largest_com
 
 
 @dataclass(frozen=True)
-class TestCase:
+class HeldOutCase:
     case: str
     image: Path
     label: Path
 
 
-def test_cases(raw_dir: str | Path) -> list[TestCase]:
+def held_out_cases(raw_dir: str | Path) -> list[HeldOutCase]:
     """The test cases of a raw dataset, sorted by case id (see the module docstring for the files)."""
     raw_dir = Path(raw_dir)
     record = raw_dir / "conversion.json"
@@ -53,12 +53,12 @@ def test_cases(raw_dir: str | Path) -> list[TestCase]:
         except (OSError, ValueError, KeyError):
             raise InputError(record, "unreadable conversion record: rebuild the dataset (make dataset FORCE=1)") \
                 from None
-        return [TestCase(cid, root / rec["image"], root / rec["label"])
+        return [HeldOutCase(cid, root / rec["image"], root / rec["label"])
                 for cid, rec in sorted(cases.items()) if rec.get("split") == "Ts"]
     out = []
     for label in sorted((raw_dir / "labelsTs").glob("*.nii.gz")):
         cid = label.name[: -len(".nii.gz")]
-        out.append(TestCase(cid, raw_dir / "imagesTs" / f"{cid}_0000.nii.gz", label))
+        out.append(HeldOutCase(cid, raw_dir / "imagesTs" / f"{cid}_0000.nii.gz", label))
     return out
 
 
@@ -77,7 +77,7 @@ def settings_text(settings: dict) -> str:
             f"{settings['grid']} grids (stage 4's code path)")
 
 
-def evaluate_cases(model, cases: list[TestCase], masks_dir: Path | None = None, stream=None) -> list[dict]:
+def evaluate_cases(model, cases: list[HeldOutCase], masks_dir: Path | None = None, stream=None) -> list[dict]:
     """One row per case: segment the original image with ``model`` (a :data:`~sacrum_masks.predict.PredictFn`
     holder) as stage 4 does and compare with the label on the image's grid."""
     from .evaluate import evaluate_arrays
@@ -147,7 +147,7 @@ def evaluate_model_command(model_dir, raw_dir, fold, checkpoint, device, output,
     defaults = Settings(model_dir=model_dir)
     checkpoint = checkpoint or defaults.checkpoint
     check_folds(model_dir, folds, checkpoint)
-    cases = test_cases(raw_dir)
+    cases = held_out_cases(raw_dir)
     if not cases:
         raise InputError(raw_dir, "no test cases (TESTING in conversion.json, or labelsTs)")
     model = NnunetModel(model_dir, folds, checkpoint, device, defaults.tile_step, defaults.mirroring)

@@ -676,11 +676,11 @@ def evaluation_names(model: Path, folds) -> tuple[Path, Path, Path]:
 def evaluate_model_stage(run: Run) -> int:
     """The TESTING images through stage 4's code path (child process ``sacrum-masks evaluate-model``)."""
     from .folds import fold_dir, format_folds
-    from .model_eval import test_cases
+    from .model_eval import held_out_cases
 
     table, summary, masks = evaluation_names(run.model, run.folds)
     raw = run.raw_root / run.dname
-    if not test_cases(raw):
+    if not held_out_cases(raw):
         _say(f"no test cases in {raw} (TESTING / imagesTs with labelsTs): no evaluation")
         return 0
     checkpoints = [fold_dir(run.model, f) / f"checkpoint_{c}.pth" for f in run.folds for c in ("best", "final")]
