@@ -84,7 +84,9 @@ def test_written_kept_when_edited_rewritten_with_force(tmp_path):
     lines = []
     path = ensure_splits(raw, pp, (0,), say=lines.append)
     first = json.loads(path.read_text())
-    assert len(first) == 5 and lines == []
+    assert len(first) == 5 and lines == [f"wrote {path}: fold 0 = the config (10 train, 2 val cases), folds 1-4 "
+                                         f"grouped by person (6 people, seed 0)"]
+    lines.clear()
     ensure_splits(raw, pp, (0,), say=lines.append)
     assert lines == []                               # same content: nothing said, nothing written
     edited = [first[1], first[0]] + first[2:]        # a user swaps two folds by hand
@@ -94,10 +96,11 @@ def test_written_kept_when_edited_rewritten_with_force(tmp_path):
     assert lines == [f"kept {path}: it differs from the config's split (edited by hand?); FORCE=1 rewrites it"]
     ensure_splits(raw, pp, (0,), force=True, say=lines.append)
     assert json.loads(path.read_text()) == first
+    assert lines[-2] == f"FORCE=1: rewriting {path} with the config's split"
     # a changed config (our own file, stamp matching) is replaced, and said so
     raw2 = write_raw(tmp_path / "b", conversion({"a": 6}, {"a": 2}))
     ensure_splits(raw2, pp, (0,), say=lines.append)
-    assert lines[-1] == f"replacing {path} with the config's split"
+    assert lines[-2] == f"replacing {path} with the config's split"
     assert len(json.loads(path.read_text())[0]["val"]) == 4
 
 

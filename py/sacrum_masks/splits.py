@@ -195,6 +195,9 @@ def ensure_splits(raw_dir: Path, pp_dir: Path, folds, force: bool = False, say=p
         say(f"{'replacing' if ours else 'FORCE=1: rewriting'} {path} with the config's split")
     pp_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(text, path)
+    n_people = len({p for _, p in cases.values()})
+    say(f"wrote {path}: fold 0 = the config ({len(wanted[0]['train'])} train, {len(wanted[0]['val'])} val cases)"
+        + (f", folds 1-4 grouped by person ({n_people} people, seed {seed})" if len(wanted) > 1 else ""))
     stamp.write_text(_sha(text) + "\n", encoding="utf-8")
     return path
 
