@@ -252,7 +252,7 @@ def test_stage_4_ensemble_writes_the_evaluated_masks(two_folds, tmp_path):
 
 @pytest.mark.parametrize("folds", ["0", "0 1"])
 @pytest.mark.slow
-def test_in_process_prediction_equals_nnunetv2_predict(two_folds, tmp_path, folds):
+def test_in_process_prediction_equals_nnunetv2_predict(two_folds, tmp_path, folds, monkeypatch):
     """Before the largest-component step, our prediction from the original image equals nnUNetv2_predict on the
     RPI file (the converted imagesTs case) with the same checkpoint, no test-time mirroring and tile step."""
     import SimpleITK as sitk
@@ -274,6 +274,7 @@ def test_in_process_prediction_equals_nnunetv2_predict(two_folds, tmp_path, fold
                          env=two_folds.env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert not s.mirroring
+    monkeypatch.setenv("nnUNet_extTrainer", two_folds.env["nnUNet_extTrainer"])   # as env.sh sets it for stage 4
     model = NnunetModel(two_folds.model, folds, s.checkpoint, "cpu", s.tile_step, s.mirroring)
     for tc in cases:
         img, data = load_image(tc.image)                     # the original file, as stage 4 reads it
