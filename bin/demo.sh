@@ -2,7 +2,8 @@
 # make demo: the whole procedure end to end on synthetic data, on the CPU, with the same scripts a user runs on
 # real data (only the data, the trainer and the network configuration differ):
 #   demo data -> stage 1 (CT/MRI labels onto MRI grids) -> split config -> stage 2 (nnU-Net dataset) ->
-#   stage 3 (plan, preprocess, small CPU trainer, evaluation) -> stage 4 (masks for the test datasets) ->
+#   stage 3 (plan, preprocess, splits_final.json, small CPU trainer, evaluation as stage 4 segments) ->
+#   stage 4 (masks for the test datasets, with its default settings) ->
 #   Dice against the hidden truth -> QC report.
 # Everything lives under SACRUM_DATA (default data/demo in the checkout), nnU-Net folders included, so the
 # demo never touches a real data root or exported nnUNet_* folders. Re-running does only what is missing.
@@ -56,8 +57,7 @@ main() {
   local -a bids_args=()
   local d
   for d in "${test_sets[@]}"; do bids_args+=(--bids "${d}"); done
-  bash "${root}/bin/generate_sacrum.sh" "${bids_args[@]}" --model "${model}" --fold 0 \
-    --checkpoint final --gpu cpu
+  bash "${root}/bin/generate_sacrum.sh" "${bids_args[@]}" --model "${model}" --gpu cpu
 
   step "Dice against the hidden truth"
   local table="${SACRUM_DATA}/demo_dice.csv" summary="${SACRUM_DATA}/demo_dice.txt"

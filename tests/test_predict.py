@@ -349,13 +349,13 @@ def test_batch_writes_then_nothing_then_force(tmp_path, capsys):
         side = json.loads(mask_of(ds, rel).with_name(mask_of(ds, rel).name.replace(".nii.gz", ".json")).read_text())
         assert side["SpatialReference"] == "orig" and side["Sources"] == [f"bids:raw:{rel}"]
         assert side["SourcesSHA256"] == {f"bids:raw:{rel}": sha256_file(ds / rel)}
-        assert side["Settings"] == {"Fold": 0, "Checkpoint": "best", "CheckpointSHA256": sha256_file(
-            settings.model_dir / "fold_0" / "checkpoint_best.pth"), "TileStepSize": 0.5, "Mirroring": False,
+        assert side["Settings"] == {"Fold": "0", "Checkpoint": "best", "CheckpointSHA256": {"0": sha256_file(
+            settings.model_dir / "fold_0" / "checkpoint_best.pth")}, "TileStepSize": 0.5, "Mirroring": False,
             "LargestComponent": 26}
         assert side["VoxelCount"] == 5 * 7 * 5 and side["ComponentsRemoved"] == 1 and side["Empty"] is False
         assert side["VolumeML"] == pytest.approx(175 * 0.9 * 1.1 * 2.5 / 1000, abs=1e-4)
         gen = side["GeneratedBy"][-1]
-        assert gen["Name"] == "sacrum-masks" and gen["Fold"] == 0 and gen["Checkpoint"] == "best"
+        assert gen["Name"] == "sacrum-masks" and gen["Fold"] == "0" and gen["Checkpoint"] == "best"
         assert {"Version", "Date", "Model", "nnunetv2", "torch", "CheckpointSHA256"} <= set(gen)
     desc = json.loads((ds / "derivatives" / "labels" / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "sacrum-masks"
