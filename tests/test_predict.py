@@ -530,7 +530,8 @@ def test_script_help_lists_every_option():
     for opt, var in [("--config", "SACRUM_CONFIG"), ("--bids", None), ("--model", "SACRUM_MODEL"),
                      ("--model-zip", "MODEL_ZIP"), ("--fold", "FOLD"), ("--checkpoint", "CHECKPOINT"),
                      ("--gpu", "GPU"), ("--force", "FORCE"), ("--wait", "WAIT"), ("--shard", "SHARD"),
-                     ("--tile-step", "TILE_STEP"), ("--mirroring", "MIRRORING")]:
+                     ("--tile-step", "TILE_STEP"), ("--mirroring", "MIRRORING"), ("--contrast", "SACRUM_CONTRAST"),
+                     ("--output-dir", "SACRUM_OUTPUT_DIR")]:
         assert opt in out and (var is None or var in out)
 
 

@@ -29,7 +29,7 @@ import pytest
 from sacrum_masks.predict import Settings, items_from_bids, run_predict, select_items
 from sacrum_masks.qc import run_qc
 from sacrum_masks.register import register_dataset
-from test_predict import Loads, fake_model_dir
+from test_predict import fake_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATOR = ROOT / ".venv" / "bin" / "bids-validator-deno"
@@ -74,6 +74,16 @@ def undeclared_derivative_errors(report: dict, dataset: Path) -> dict[str, list]
     return out
 
 
+def cube_model(settings):
+    """Stand-in network: a small cube at the centre of the grid (QC of big thresholded blobs takes minutes)."""
+    def predict(array, spacing):
+        out = np.zeros(array.shape[1:], np.uint8)
+        c = [n // 2 for n in out.shape]
+        out[c[0] - 3:c[0] + 3, c[1] - 3:c[1] + 3, c[2] - 3:c[2] + 3] = 1
+        return out
+    return type("M", (), {"predict": staticmethod(predict)})()
+
+
 @pytest.fixture(scope="module")
 def outputs(demo_root, tmp_path_factory):
     data = tmp_path_factory.mktemp("validated")
@@ -82,7 +92,7 @@ def outputs(demo_root, tmp_path_factory):
     for name in TRAIN_SETS:
         assert register_dataset(bids / name).exit_code == 0
     items = [it for name in TEST_SETS for it in items_from_bids(bids / name)]
-    assert run_predict(select_items(items), Settings(fake_model_dir(data / "model")), model_factory=Loads()) == 0
+    assert run_predict(select_items(items), Settings(fake_model_dir(data / "model")), model_factory=cube_model) == 0
     run_qc(bids / TEST_SETS[0] / "derivatives/labels", command_line="test")
     run_qc(bids / TRAIN_SETS[0] / "derivatives/reg-labels", command_line="test")
     return bids
