@@ -97,7 +97,7 @@ def test_demo_split_is_the_config_and_nnunet_trained_on_it(demo_run):
     # what nnU-Net really did: its log names the split file, and it validated exactly fold 0's val cases
     log = sorted((demo_run.model_dir / "fold_0").glob("training_log_*.txt"))[-1].read_text()
     # (the path as it was when trained: a cached demo run was trained elsewhere)
-    assert re.search(rf"Using splits from existing split file: \S*/{DNAME}/splits_final.json\n", log)
+    assert re.search(rf"Using splits from existing split file: \S*/{DNAME}/splits_final.json\s*$", log, flags=re.M)
     assert (f"This split has {len(splits[0]['train'])} training and {len(splits[0]['val'])} validation cases"
             in log)
     summary = json.loads((demo_run.model_dir / "fold_0" / "validation" / "summary.json").read_text())
@@ -286,3 +286,28 @@ def test_in_process_prediction_equals_nnunetv2_predict(two_folds, tmp_path, fold
         assert ours.shape == theirs.shape
         assert ours.any()
         np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.slow
+def test_a_failing_fold_is_named_and_the_others_finish(demo_run, tmp_path):
+    """FOLD="0 1" GPU=cpu,cpu where nnU-Net fails on fold 1 (a corrupt checkpoint_latest.pth to resume from, as
+    a full disk leaves it): fold 0 (already trained) finishes, fold 1 is named, the exit status is 1."""
+    from sacrum_masks.train import raw_fingerprint
+
+    data = tmp_path / "data"
+    for sub in ("raw", "preprocessed", "results"):
+        shutil.copytree(demo_run.data / "nnUNet" / sub, data / "nnUNet" / sub, symlinks=True)
+    fold1 = data / "nnUNet" / "results" / DNAME / MODEL_NAME / "fold_1"
+    fold1.mkdir()
+    (fold1 / ".sacrum-raw-fingerprint").write_text(raw_fingerprint(data / "nnUNet" / "raw" / DNAME) + "\n")
+    (fold1 / "checkpoint_latest.pth").write_bytes(b"not a checkpoint")
+    env = nnunet_env(demo_run.env, data, **SMALL, GPU="cpu,cpu", FOLD="0 1")
+    env["SACRUM_DATA"] = str(data)
+    res = subprocess.run(["bash", str(ROOT / "bin" / "train.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "train: fold 0 done" in res.stdout
+    assert "resuming fold 1" in (fold1.parent / "train_fold_1.log").read_text()
+    err = res.stderr.strip().splitlines()
+    assert any(line.startswith("train: fold 1 failed (status 1; ") for line in err), err
+    assert err[-2:] == ["train: folds that failed: 1; the others finished",
+                        "train: not evaluated or exported: fold 1 failed; run the same command again to retry"]
