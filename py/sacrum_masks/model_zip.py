@@ -5,6 +5,8 @@ The zip has nnU-Net's export layout (``nnUNetv2_export_model_to_zip``): members 
 Every member name is checked before anything is extracted (no absolute path, no ``..``, no link);
 the archive is extracted into a hidden folder beside the destination and each model folder is
 renamed into place, so an interrupted install never leaves half a model where a run would use it.
+Concurrent installs of one model (SLURM array tasks starting on a fresh node) take an exclusive lock
+(``<nnUNet_results>/.install-<Dataset>.lock``): one installs, the others wait, find the folder and use it.
 """
 
 from __future__ import annotations
@@ -146,10 +148,20 @@ def install_model(source: str, model_dir: str | Path, timeout: float = 60.0) -> 
     ``source`` is a zip path or an ``http(s)://`` / ``file://`` URL; a download goes to a temporary file
     beside the results folder and is deleted after the install.
     """
+    from .batch import folder_lock
+
     model_dir = Path(model_dir)
     if model_dir.is_dir():
         return model_dir
     results = model_dir.parent.parent
+    with folder_lock(results, wait=True, name=f".install-{model_dir.parent.name}.lock"):
+        if model_dir.is_dir():   # another process installed it while this one waited
+            return model_dir
+        _install(source, model_dir, results, timeout)
+    return model_dir
+
+
+def _install(source: str, model_dir: Path, results: Path, timeout: float) -> None:
     expect = f"{model_dir.parent.name}/{model_dir.name}"
     if is_url(source):
         results.mkdir(parents=True, exist_ok=True)
@@ -162,7 +174,6 @@ def install_model(source: str, model_dir: str | Path, timeout: float = 60.0) -> 
             Path(tmp).unlink(missing_ok=True)
     else:
         install_model_zip(source, results, expect)
-    return model_dir
 
 
 @click.command("install-model")

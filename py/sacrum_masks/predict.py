@@ -14,7 +14,7 @@ Conventions
   brought back to the input's own voxel order, so the mask has the input's exact grid.
 * Post-processing: only the largest 26-connected component is kept
   (:func:`sacrum_masks.components.largest_component`).
-* Ownership: a mask whose sidecar says ``GeneratedBy[0].Name == "sacrum-masks"`` is ours. A mask
+* Ownership: a mask whose sidecar says ``GeneratedBy[-1].Name == "sacrum-masks"`` is ours. A mask
   without such a sidecar (a manual correction) is never overwritten, not even with ``--force``.
 * Up to date: ours, same input SHA-256 and same model identity (fold, checkpoint name and the
   checkpoint file's SHA-256; not the model folder's path, so a moved or remounted model is the same
@@ -49,6 +49,7 @@ from .bids import BidsName, derivative_path, find_images, sidecar_path, split_ex
 from .config import read_json_object_or_none
 from .components import largest_component
 from .errors import InputError, LockBusy
+from .folds import format_folds, parse_folds
 from .nifti import (check_file, from_rpi, load_image, remove_stale_temporaries, mask_like, save_nifti_atomic, sha256_file, to_rpi,
                     voxel_volume_ml, write_json_atomic)
 
@@ -239,20 +240,30 @@ IDENTITY_KEYS = ("Fold", "Checkpoint", "CheckpointSHA256")
 
 
 def model_identity(model_dir: str | Path, fold: str, checkpoint: str) -> dict:
-    """The model as the sidecar records it: folder ("Model"), fold, checkpoint and its SHA-256.
+    """The model as the sidecar records it: folder ("Model"), fold(s), checkpoint and its SHA-256.
 
-    Only :data:`IDENTITY_KEYS` decide whether a mask is up to date (:func:`plan_status`).
+    ``fold`` is a :func:`sacrum_masks.folds.parse_folds` value; for an ensemble "Fold" is its text form
+    (``"0 1 2"``) and "CheckpointSHA256" the folds' checksums joined by spaces. Only
+    :data:`IDENTITY_KEYS` decide whether a mask is up to date (:func:`plan_status`).
     """
     model_dir = Path(os.path.abspath(model_dir))
-    ckpt = checkpoint_file(model_dir, fold, checkpoint)
-    return {"Model": str(model_dir), "Fold": int(fold) if str(fold).isdigit() else str(fold),
-            "Checkpoint": checkpoint, "CheckpointSHA256": sha256_file(ckpt)}
+    folds = parse_folds(fold)
+    shas = [sha256_file(checkpoint_file(model_dir, str(f), checkpoint)) for f in folds]
+    value = folds[0] if len(folds) == 1 else format_folds(folds)
+    return {"Model": str(model_dir), "Fold": value, "Checkpoint": checkpoint, "CheckpointSHA256": " ".join(shas)}
 
 
 def is_ours(sidecar: dict | None) -> bool:
-    """True when a sidecar was written by this tool (``GeneratedBy[0].Name == "sacrum-masks"``)."""
+    """True when a sidecar was last written by this tool (``GeneratedBy[-1].Name == "sacrum-masks"``).
+
+    The last entry is the latest step (as :func:`sacrum_masks.qc.sidecar_kind` reads it): a mask of ours
+    that a person then corrected and recorded (a new last entry) is theirs.
+
+    >>> is_ours({"GeneratedBy": [{"Name": "sacrum-masks"}]}), is_ours({"GeneratedBy": [{"Name": "sacrum-masks"}, {"Name": "ITK-SNAP"}]})
+    (True, False)
+    """
     try:
-        return sidecar["GeneratedBy"][0]["Name"] == TOOL_NAME
+        return sidecar["GeneratedBy"][-1]["Name"] == TOOL_NAME
     except (TypeError, KeyError, IndexError):
         return False
 
@@ -278,14 +289,18 @@ def plan_status(mask: Path, sidecar: dict | None, input_sha: str, identity: dict
         return "kept"
     if force:
         return "write"
-    made_by = sidecar["GeneratedBy"][0]
+    made_by = sidecar["GeneratedBy"][-1]
     same_model = all(made_by.get(k) == identity.get(k) for k in IDENTITY_KEYS)
     return "up to date" if same_model and sidecar.get("InputSHA256") == input_sha else "write"
 
 
 def make_sidecar(item: Item, identity: dict, input_sha: str, mask: np.ndarray, img, n_removed: int,
-                 settings: dict) -> dict:
-    """The mask's JSON sidecar (keys relied upon by the other stages: see DESIGN.md, stage 4)."""
+                 settings: dict, uncertainty: dict | None = None) -> dict:
+    """The mask's JSON sidecar (keys relied upon by the other stages: see DESIGN.md, stage 4).
+
+    ``uncertainty`` adds ``BoundaryEntropy`` (bits; absent for an empty mask) and, for a fold ensemble,
+    ``FoldAgreementDice`` (:mod:`sacrum_masks.engine`).
+    """
     count = int(np.count_nonzero(mask))
     generated = {"Name": TOOL_NAME, "Version": __version__,
                  "Date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -294,7 +309,8 @@ def make_sidecar(item: Item, identity: dict, input_sha: str, mask: np.ndarray, i
     return {"SpatialReference": "orig", "GeneratedBy": [generated], "Sources": [f"bids::{item.rel}"],
             "InputSHA256": input_sha, "VoxelCount": count,
             "VolumeML": round(count * voxel_volume_ml(img), 4), "ComponentsRemoved": int(n_removed),
-            "Empty": count == 0}
+            "Empty": count == 0,
+            **{k: v for k, v in (uncertainty or {}).items() if v is not None}}
 
 
 def ensure_dataset_description(folder: Path) -> None:
@@ -306,18 +322,109 @@ def ensure_dataset_description(folder: Path) -> None:
     bids.ensure_dataset_description(folder, name=bids.LABELS_DESCRIPTION[0], description=bids.LABELS_DESCRIPTION[1])
 
 
-def write_outputs(mask_img, mask_path: Path, sidecar: dict, sidecar_path: Path) -> None:
-    """Write mask and sidecar, each atomically, in the order that keeps a killed run detectable.
+def write_outputs(mask_img, mask_path: Path, sidecar: dict, sidecar_path: Path, extra: dict | None = None) -> None:
+    """Write mask and sidecar (and ``extra`` {path: image}, e.g. the probseg), each atomically, in the
+    order that keeps a killed run detectable.
 
-    A new mask: sidecar first (a sidecar without mask is redone). A rewrite of one of ours: mask first
-    (the old sidecar no longer matches, so the new mask is redone rather than kept as is).
+    A new mask: sidecar first, then the extras, then the mask (a sidecar without mask is redone); when a
+    later write fails (a full disk), what this call wrote is removed again. A rewrite of one of ours: mask
+    first (the old sidecar no longer matches, so the new mask is redone rather than kept as is).
     """
+    extra = extra or {}
     if mask_path.exists():
         save_nifti_atomic(mask_img, mask_path)
+        for path, img in extra.items():
+            save_nifti_atomic(img, path)
         write_json_atomic(sidecar, sidecar_path)
-    else:
+        return
+    written = []
+    try:
         write_json_atomic(sidecar, sidecar_path)
+        written.append(sidecar_path)
+        for path, img in extra.items():
+            existed = Path(path).exists()
+            save_nifti_atomic(img, path)
+            if not existed:
+                written.append(Path(path))
         save_nifti_atomic(mask_img, mask_path)
+    except BaseException:
+        for path in written:
+            Path(path).unlink(missing_ok=True)
+        raise
+
+
+def probseg_path(item: Item) -> Path:
+    """``<image stem>_label-sacrum_probseg.nii.gz`` beside the mask (BIDS probabilistic segmentation)."""
+    return derivative_path(item.dataset, item.image, PIPELINE, MASK_SUFFIX[0], "probseg")
+
+
+def probseg_like(probability: np.ndarray, reference) -> "nib.Nifti1Image":
+    """A float32 foreground probability image on ``reference``'s grid (qform and sform as :func:`mask_like`)."""
+    import nibabel as nib
+
+    grid = mask_like(np.zeros(probability.shape, np.uint8), reference)
+    out = nib.Nifti1Image(np.asarray(probability, np.float32), grid.affine, grid.header)
+    out.set_data_dtype(np.float32)
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """One mask to write: the item, its outputs and the input's checksum (picklable)."""
+
+    item: Item
+    mask: Path
+    sidecar: Path
+    sha: str
+
+    @property
+    def image(self) -> Path:
+        return self.item.image
+
+
+@dataclass(frozen=True)
+class WriteMask:
+    """The engine's sink: builds the sidecar and writes mask, sidecar and (optionally) probseg.
+
+    A picklable callable (:func:`sacrum_masks.engine.run` calls it in a worker process); the
+    derivatives writer of issue 11 can replace it (same call).
+    """
+
+    identity: dict
+    settings: dict
+    save_probabilities: bool = False
+
+    def __call__(self, job: Job, mask: np.ndarray, probability, info: dict):
+        img = info["image"]
+        uncertainty = {"BoundaryEntropy": info.get("boundary_entropy"),
+                       "FoldAgreementDice": info.get("fold_agreement_dice")}
+        sidecar = make_sidecar(job.item, self.identity, job.sha, mask, img, info.get("components_removed", 0),
+                               self.settings, uncertainty)
+        extra = {}
+        if self.save_probabilities and probability is not None:
+            extra[probseg_path(job.item)] = probseg_like(probability, img)
+        self.write(mask_like(mask, img), job, sidecar, extra)
+        return "written", describe(sidecar)
+
+    def write(self, mask_img, job: Job, sidecar: dict, extra: dict) -> None:
+        write_outputs(mask_img, job.mask, sidecar, job.sidecar, extra)
+
+    def cleanup(self, job: Job) -> None:
+        """Remove the temporary files a killed write of ``job`` left (its outputs are whole or absent)."""
+        remove_stale_temporaries(job.mask, job.sidecar, probseg_path(job.item))
+
+
+def describe(sidecar: dict) -> str:
+    """The log line's detail for a written mask."""
+    detail = (f"{sidecar['VoxelCount']} voxels, {sidecar['VolumeML']:g} mL, "
+              f"{sidecar['ComponentsRemoved']} components removed")
+    if "BoundaryEntropy" in sidecar:
+        detail += f", boundary entropy {sidecar['BoundaryEntropy']:.3f} bits"
+    if "FoldAgreementDice" in sidecar:
+        detail += f", fold agreement Dice {sidecar['FoldAgreementDice']:.3f}"
+    if sidecar["Empty"]:
+        detail = "EMPTY prediction (no sacrum found), empty mask written; " + detail
+    return detail
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -361,7 +468,11 @@ def segment_image(predict_fn: PredictFn, img, data: np.ndarray, connectivity: in
 
 
 class NnunetModel:
-    """An nnU-Net model loaded once; :meth:`predict` is a :data:`PredictFn`."""
+    """An nnU-Net model loaded once; :meth:`predict` is a :data:`PredictFn` (the serial path).
+
+    ``fold`` is a :func:`sacrum_masks.folds.parse_folds` value: several folds are one ensemble (logits
+    averaged, as ``nnUNetv2_predict -f``).
+    """
 
     def __init__(self, model_dir: str | Path, fold: str, checkpoint: str, device: str = "cpu",
                  tile_step: float = 0.5, mirroring: bool = False):
@@ -372,8 +483,7 @@ class NnunetModel:
         self.predictor = nnUNetPredictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
                                          perform_everything_on_device=dev.type == "cuda", device=dev,
                                          verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        fold_arg = fold if fold == "all" else int(fold)
-        self.predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold_arg,),
+        self.predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=parse_folds(fold),
                                                             checkpoint_name=f"checkpoint_{checkpoint}.pth")
         reader = self.predictor.plans_manager.plans.get("image_reader_writer", "SimpleITKIO")
         if reader not in PLAIN_READERS:
@@ -398,6 +508,10 @@ class Settings:
     force: bool = False
     wait: bool = False
     shard: tuple[int, int] = (1, 1)
+    workers: int | None = None
+    save_probabilities: bool = False
+    bf16: bool = False
+    preset: str | None = None
 
 
 def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool) -> None:
@@ -415,19 +529,93 @@ def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], w
     stack.enter_context(folder_lock(folder, wait=wait, name=f".sacrum-masks.shard-{shard[0]}-of-{shard[1]}.lock"))
 
 
-def run_predict(items: list[Item], settings: Settings, *, model_factory=None, stream=None) -> int:
+def run_settings(settings: Settings) -> dict:
+    """The settings a sidecar records (they make a mask what it is)."""
+    out = {"TileStepSize": settings.tile_step, "Mirroring": settings.mirroring}
+    if settings.bf16:
+        out["Bf16"] = True
+    if settings.preset:
+        out["Preset"] = settings.preset
+    return out
+
+
+def engine_network_factory(settings: Settings):
+    """``threads -> engine.Network`` for the settings (the engine's default network)."""
+    from . import engine
+
+    spec = engine.ModelSpec(Path(settings.model_dir), parse_folds(settings.fold), settings.checkpoint,
+                            settings.device, settings.tile_step, settings.mirroring, settings.bf16)
+    return lambda threads: engine.Network(spec, threads)
+
+
+class _Log:
+    """One line per image (cron, pipes) or, when ``stream`` is a terminal, a tqdm bar with failures printed."""
+
+    def __init__(self, batch: Batch, total: int, stream):
+        self.batch, self.bar = batch, None
+        out = stream or sys.stdout
+        if total and hasattr(out, "isatty") and out.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="predict", unit="image", file=out)
+
+    def __call__(self, job, status: str, detail: str = "") -> None:
+        name = job.image if isinstance(job, Job) else job
+        if self.bar is None:
+            self.batch.report(name, status, detail)
+            return
+        stream = self.batch.stream
+        self.batch.stream = open(os.devnull, "w") if status != "failed" else None
+        try:
+            self.batch.report(name, status, detail)
+        finally:
+            if self.batch.stream is not None:
+                self.batch.stream.close()
+            self.batch.stream = stream
+        self.bar.update()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_serial(jobs: list[Job], model, sink, report) -> None:
+    """The serial path: :func:`segment_image` per image with ``model.predict``, then the same sink.
+
+    Used with a stand-in network (tests) and as the engine's equality oracle; any exception of one
+    image is that image's failure.
+    """
+    from .engine import failure_reason
+
+    for job in jobs:
+        start = time.perf_counter()
+        try:
+            img, data = load_image(job.image)
+            mask, n_removed = segment_image(model.predict, img, data)
+            out = sink(job, mask, None, {"image": img, "components_removed": n_removed})
+        except Exception as exc:
+            report(job, "failed", failure_reason(exc))
+            continue
+        status, detail = out if isinstance(out, tuple) else (out, "")
+        report(job, status, f"{detail}, {time.perf_counter() - start:.1f} s" if detail else detail)
+
+
+def run_predict(items: list[Item], settings: Settings, *, model_factory=None, network_factory=None,
+                sink_factory=None, stream=None) -> int:
     """Segment ``items`` (already selected): the batch of stage 4. Returns the exit status.
 
-    ``model_factory(settings)`` returns an object with a ``predict`` :data:`PredictFn`; it is called once,
-    and only when some mask has to be written (default: :class:`NnunetModel`).
+    By default the pipelined engine (:mod:`sacrum_masks.engine`) runs the nnU-Net model; a
+    ``network_factory(threads)`` replaces its network. ``model_factory(settings)`` instead runs the
+    serial path with an object whose ``predict`` is a :data:`PredictFn` (a stand-in network). Either is
+    called once, and only when some mask has to be written. ``sink_factory(identity, settings)`` builds
+    the writer (default :class:`WriteMask`).
     """
-    model_factory = model_factory or (lambda s: NnunetModel(s.model_dir, s.fold, s.checkpoint, s.device,
-                                                            s.tile_step, s.mirroring))
     out = stream or sys.stdout
     batch = Batch("predict", stream=stream)
     identity = model_identity(settings.model_dir, settings.fold, settings.checkpoint)
     items = normalise_items(items)
     folders = sorted({it.dataset / "derivatives" / PIPELINE for it in items if it.error is None})
+    empty = []
     with ExitStack() as locks:
         for folder in folders:
             try:
@@ -445,7 +633,7 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
             try:
                 mask_path, side_path = output_paths(it)
                 check_file(it.image)
-                remove_stale_temporaries(mask_path, side_path)
+                remove_stale_temporaries(mask_path, side_path, probseg_path(it))
             except InputError as exc:
                 batch.report(it.entry, "failed", exc.reason)
                 continue
@@ -460,30 +648,26 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
             elif status == "up to date":
                 batch.report(it.image, "up to date")
             else:
-                todo.append((it, mask_path, side_path, sha))
-        empty = []
+                todo.append(Job(it, mask_path, side_path, sha))
         if todo:
-            model = model_factory(settings)
-            run_settings = {"TileStepSize": settings.tile_step, "Mirroring": settings.mirroring}
-            for it, mask_path, side_path, sha in todo:
-                start = time.perf_counter()
-                try:
-                    img, data = load_image(it.image)
-                    mask, n_removed = segment_image(model.predict, img, data)
-                except InputError as exc:
-                    batch.report(it.image, "failed", exc.reason)
-                    continue
-                except OSError as exc:
-                    batch.report(it.image, "failed", f"cannot read ({exc.strerror or exc})")
-                    continue
-                sidecar = make_sidecar(it, identity, sha, mask, img, n_removed, run_settings)
-                write_outputs(mask_like(mask, img), mask_path, sidecar, side_path)
-                detail = (f"{sidecar['VoxelCount']} voxels, {sidecar['VolumeML']:g} mL, "
-                          f"{n_removed} components removed, {time.perf_counter() - start:.1f} s")
-                if sidecar["Empty"]:
-                    empty.append(str(it.image))
-                    detail = "EMPTY prediction (no sacrum found), empty mask written; " + detail
-                batch.report(it.image, "written", detail)
+            sink = (sink_factory or WriteMask)(identity, run_settings(settings), settings.save_probabilities)
+            log = _Log(batch, len(todo), stream)
+
+            def report(job, status, detail=""):
+                if status == "written" and detail.startswith("EMPTY"):
+                    empty.append(str(job.image))
+                log(job, status, detail)
+
+            try:
+                if model_factory is not None:
+                    run_serial(todo, model_factory(settings), sink, report)
+                else:
+                    from . import engine
+
+                    engine.run(todo, network_factory or engine_network_factory(settings), sink,
+                               workers=settings.workers, report=report, want_probabilities=settings.save_probabilities)
+            finally:
+                log.close()
     line = batch.summary(SUMMARY_ORDER)
     if empty:
         line += f"; {len(empty)} empty: " + ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
@@ -494,6 +678,24 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+#: the test config run when neither --config nor --bids is given (the original procedure's list)
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "resources" / "configs" / "test_sacrum.json"
+
+
+def default_model(env=None) -> Path | None:
+    """The model folder ``make train`` writes for DNUM / DNAME / TRAINER / CONFIGURATION, under nnUNet_results.
+
+    >>> str(default_model({"nnUNet_results": "/r"}))
+    '/r/Dataset300_SacrumDataset/nnUNetTrainer__nnUNetPlans__3d_fullres'
+    """
+    env = os.environ if env is None else env
+    results = env.get("nnUNet_results")
+    if not results:
+        return None
+    return (Path(results) / f"Dataset{env.get('DNUM') or 300}_{env.get('DNAME') or 'SacrumDataset'}"
+            / f"{env.get('TRAINER') or 'nnUNetTrainer'}__nnUNetPlans__{env.get('CONFIGURATION') or '3d_fullres'}")
+
+
 def _shard_option(ctx, param, value):
     try:
         return parse_shard(value)
@@ -502,45 +704,110 @@ def _shard_option(ctx, param, value):
 
 
 def _device_option(ctx, param, value):
-    if re.fullmatch(r"cpu|cuda(:\d+)?", value):
+    if value is None or re.fullmatch(r"cpu|cuda(:\d+)?", value):
         return value
     raise click.BadParameter(f"{value!r}: expected cpu, cuda or cuda:N")
 
 
-@click.command("predict")
-@click.option("--config", "config", type=click.Path(path_type=Path),
-              help="Test config (original format): DATASETS_PATH + TESTING list of <dataset>/sub-*/.../<image>.")
-@click.option("--datasets-path", type=click.Path(path_type=Path),
-              help="Overrides the config's DATASETS_PATH (else env DATASETS_PATH, else the config's).")
+def _fold_option(ctx, param, value):
+    try:
+        return format_folds(parse_folds(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _workers_option(ctx, param, value):
+    if value is None:
+        from .engine import cpu_allocation
+
+        return cpu_allocation()
+    return value
+
+
+_MODEL_HELP = ("nnU-Net model folder; default: the one `make train` writes, "
+               "$nnUNet_results/Dataset<DNUM>_<DNAME>/<TRAINER>__nnUNetPlans__<CONFIGURATION> from DNUM (300), "
+               f"DNAME (SacrumDataset), TRAINER (nnUNetTrainer), CONFIGURATION (3d_fullres); now {default_model()}")
+
+
+@click.command("predict", context_settings={"show_default": True})
+@click.option("--config", "config", type=click.Path(path_type=Path, exists=True, dir_okay=False), envvar="SACRUM_CONFIG",
+              show_envvar=True, help="Test config (original format): DATASETS_PATH + TESTING list of "
+              f"<dataset>/sub-*/.../<image>. Without --config and --bids: {DEFAULT_CONFIG.name} of the repository.")
+@click.option("--datasets-path", type=click.Path(path_type=Path), envvar="DATASETS_PATH", show_envvar=True,
+              help="Overrides the config's DATASETS_PATH.")
 @click.option("--bids", "bids_dirs", multiple=True, type=click.Path(path_type=Path),
               help="A BIDS dataset: every MRI image of sub-*/[ses-*/]anat (repeatable).")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="nnU-Net model folder (<nnUNet_results>/<Dataset>/<Trainer__Plans__Configuration>).")
-@click.option("--fold", default="0", show_default=True, help="Fold 0-4 or 'all'.")
-@click.option("--checkpoint", type=click.Choice(["best", "final"]), default="best", show_default=True)
-@click.option("--device", default="cpu", show_default=True, callback=_device_option,
-              help="cpu, cuda (the first visible GPU) or cuda:N (visible GPU N, e.g. of a SLURM allocation); "
-                   "bin/generate_sacrum.sh picks it from GPU (sacrum-masks check-device --torch-device).")
-@click.option("--tile-step", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
-              help="Sliding-window step as a fraction of the patch (larger = faster, fewer overlaps).")
-@click.option("--mirroring/--no-mirroring", default=False, show_default=True,
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), envvar="SACRUM_MODEL", show_envvar=True,
+              default=default_model, show_default=False, help=_MODEL_HELP)
+@click.option("--model-zip", envvar="MODEL_ZIP", show_envvar=True, default=None, show_default=False,
+              help="Zip file or URL that installs the model when its folder is missing (under a lock: concurrent "
+                   "runs install it once); default: the original release.")
+@click.option("--fold", default="0", envvar="FOLD", show_envvar=True, callback=_fold_option,
+              help="Fold 0-4, a list (\"0 1 2 3 4\": one ensemble) or 'all'.")
+@click.option("--checkpoint", type=click.Choice(["best", "final"]), default="best", envvar="CHECKPOINT",
+              show_envvar=True)
+@click.option("--gpu", default="0", envvar="GPU", show_envvar=True,
+              help="CUDA device id or cpu; an existing CUDA_VISIBLE_DEVICES (a SLURM allocation) is kept and "
+                   "the id indexes it (0 = the first allocated GPU).")
+@click.option("--device", default=None, callback=_device_option, show_default=False,
+              help="Torch device (cpu, cuda, cuda:N) instead of --gpu.")
+@click.option("--preset", type=click.Choice(["default", "fast"]), default=None, envvar="SACRUM_PRESET",
+              show_envvar=True, show_default=False,
+              help="CPU settings measured by bench/bench_engine.py: fast = the fastest whose masks agree with the "
+                   "default's (Dice >= 0.99 on the demo); sets --tile-step (README, Stage 4 engine).")
+@click.option("--tile-step", type=click.FloatRange(0.05, 1.0), default=None, envvar="TILE_STEP", show_envvar=True,
+              show_default=False,
+              help="Sliding-window step as a fraction of the patch (larger = faster, fewer overlaps) [default: 0.5, or the preset's].")
+@click.option("--mirroring/--no-mirroring", default=False, envvar="MIRRORING", show_envvar=True,
               help="Test-time mirroring (slower, usually a little smoother).")
-@click.option("--force", is_flag=True, help="Rewrite masks of ours even when up to date (manual masks are kept).")
-@click.option("--wait", is_flag=True, help="Wait for another run's lock instead of exiting.")
-@click.option("--shard", default="1/1", show_default=True, callback=_shard_option,
+@click.option("--workers", type=click.IntRange(1, 1024), default=None, envvar="SACRUM_WORKERS", show_envvar=True,
+              callback=_workers_option, show_default=False,
+              help="CPUs to use [default: SLURM_CPUS_PER_TASK, else the CPUs of this process]: reader/export "
+                   "processes plus the network's torch threads never exceed it.")
+@click.option("--save-probabilities", is_flag=True, envvar="SACRUM_SAVE_PROBABILITIES", show_envvar=True,
+              help="Also write <image>_label-sacrum_probseg.nii.gz (foreground probability, BIDS probseg).")
+@click.option("--force", is_flag=True, envvar="FORCE", show_envvar=True,
+              help="Rewrite masks of ours even when up to date (manual masks are kept).")
+@click.option("--wait", is_flag=True, envvar="WAIT", show_envvar=True,
+              help="Wait for another run's lock instead of exiting.")
+@click.option("--shard", default="1/1", envvar="SHARD", show_envvar=True, callback=_shard_option,
               help="Process shard I of N of the sorted image list (SLURM array tasks).")
-def predict_command(config, datasets_path, bids_dirs, model_dir, fold, checkpoint, device, tile_step, mirroring,
-                    force, wait, shard):
-    """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets."""
+def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold, checkpoint, gpu, device, preset,
+                    tile_step, mirroring, workers, save_probabilities, force, wait, shard):
+    """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets.
+
+    Exit status: 0 when nothing failed (also when another run holds a lock), 1 when an image failed,
+    2 for a usage error or a model that cannot be installed. Crontab example (every night at 2:00, GPU 0):
+    0 2 * * * /path/to/sacrum-masks/bin/generate_sacrum.sh --bids /data/new-dataset >> /var/log/sacrum.log 2>&1
+    """
+    from .device import check_device
+    from .engine import PRESETS
+    from .model_zip import DEFAULT_MODEL_ZIP, install_model
+
     if config is None and not bids_dirs:
-        raise click.UsageError("give --config FILE and/or --bids DIR")
-    if fold != "all" and not fold.isdigit():
-        raise click.BadParameter(f"{fold!r}: expected a fold number or 'all'", param_hint="--fold")
+        if not DEFAULT_CONFIG.is_file():
+            raise click.UsageError("give --config FILE and/or --bids DIR")
+        config = DEFAULT_CONFIG
+    if model_dir is None:
+        raise click.UsageError("give --model DIR (or SACRUM_MODEL, or nnUNet_results: source env.sh)")
+    chosen = dict(PRESETS[preset or "default"])
+    if tile_step is not None:
+        chosen["tile_step"] = tile_step
+    if device is None:
+        try:
+            device = check_device(gpu, torch_device=True)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gpu / GPU") from None
+    click.echo(f"predict: model {model_dir} fold {fold} checkpoint {checkpoint} device {device}")
+    if not Path(model_dir).is_dir():
+        click.echo(f"predict: installing the model from {model_zip or DEFAULT_MODEL_ZIP}")
+        install_model(model_zip or DEFAULT_MODEL_ZIP, model_dir)
     items = items_from_config(config, datasets_path) if config is not None else []
     for d in bids_dirs:
         items += items_from_bids(d)
     selected = select_items(items, shard)
     if shard != (1, 1):
         click.echo(f"predict: shard {shard[0]}/{shard[1]}: {len(selected)} of {len(items)} images")
-    settings = Settings(Path(model_dir), fold, checkpoint, device, tile_step, mirroring, force, wait, shard)
+    settings = Settings(Path(model_dir), fold, checkpoint, device, chosen["tile_step"], mirroring, force, wait, shard,
+                        workers, save_probabilities, chosen.get("bf16", False), preset)
     sys.exit(run_predict(selected, settings))
