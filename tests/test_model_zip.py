@@ -118,7 +118,7 @@ def test_unreachable_url_is_one_line_and_nonzero(tmp_path):
     assert err_lines[0].endswith("download it on a connected machine and pass --model-zip PATH")
     assert not model_dir.exists()
     left = list((tmp_path / "results").glob("*")) + list((tmp_path / "results").glob(".*"))
-    assert [p.name for p in left] == [".install-Dataset300_SacrumDataset.lock"]   # only the install lock
+    assert {p.name for p in left} == {".install-Dataset300_SacrumDataset.lock"}   # only the install lock
 
 
 def test_cli_present_model_does_nothing(tmp_path):
