@@ -29,6 +29,7 @@ this process may use). :func:`thread_plan` splits it into ``P`` worker processes
 from __future__ import annotations
 
 import concurrent.futures as cf
+from concurrent.futures.process import BrokenProcessPool
 import math
 import multiprocessing
 import os
@@ -271,7 +272,7 @@ def boundary_band(mask: np.ndarray) -> np.ndarray:
 
     >>> m = np.zeros((5, 5, 5), bool); m[1:4, 1:4, 1:4] = True
     >>> int(boundary_band(m).sum()), bool(boundary_band(m)[2, 2, 2])
-    (44, False)
+    (80, False)
     """
     from scipy import ndimage
 
@@ -287,7 +288,7 @@ def binary_entropy_bits(p: np.ndarray) -> np.ndarray:
     """
     p = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(np.where(p > 0, p * np.log2(p), 0.0) + np.where(p < 1, (1 - p) * np.log2(1 - p), 0.0))
+        h = 0.0 - (np.where(p > 0, p * np.log2(p), 0.0) + np.where(p < 1, (1 - p) * np.log2(1 - p), 0.0))
     return h
 
 
@@ -386,7 +387,7 @@ def failure_reason(exc: BaseException) -> str:
 
     if isinstance(exc, InputError):
         return exc.reason
-    if isinstance(exc, cf.process.BrokenProcessPool):
+    if isinstance(exc, BrokenProcessPool):
         return "worker process died (killed for memory?)"
     if isinstance(exc, OSError) and exc.strerror:
         return f"cannot write or read ({exc.strerror})"
@@ -414,7 +415,7 @@ class _Pool:
     def submit(self, *args):
         try:
             return self.pool.submit(_call, *args), self.generation
-        except cf.process.BrokenProcessPool:
+        except BrokenProcessPool:
             self.restart()
             return self.pool.submit(_call, *args), self.generation
 
@@ -510,7 +511,7 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
             job, generation = exports.pop(fut)
             try:
                 out = fut.result()
-            except cf.process.BrokenProcessPool as exc:
+            except BrokenProcessPool as exc:
                 done(job, "failed", failure_reason(exc))
                 recover(generation)
                 continue
@@ -531,7 +532,7 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
             job, fut, generation = reads.popleft()
             try:
                 case = fut.result()
-            except cf.process.BrokenProcessPool as exc:
+            except BrokenProcessPool as exc:
                 done(job, "failed", failure_reason(exc))
                 recover(generation)
                 fill_reads()
