@@ -29,6 +29,8 @@ this process may use). :func:`thread_plan` splits it into ``P`` worker processes
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import io
 from concurrent.futures.process import BrokenProcessPool
 import math
 import multiprocessing
@@ -145,10 +147,11 @@ class Network:
             torch.set_num_threads(max(1, int(threads)))
         dev = torch.device(spec.device)
         self.spec = spec
-        self.predictor = nnUNetPredictor(tile_step_size=spec.tile_step, use_gaussian=True,
-                                         use_mirroring=spec.mirroring,
-                                         perform_everything_on_device=dev.type == "cuda", device=dev,
-                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        with contextlib.redirect_stdout(io.StringIO()):   # nnU-Net's notes on CPU devices: not for the log
+            self.predictor = nnUNetPredictor(tile_step_size=spec.tile_step, use_gaussian=True,
+                                             use_mirroring=spec.mirroring,
+                                             perform_everything_on_device=dev.type == "cuda", device=dev,
+                                             verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         self.predictor.initialize_from_trained_model_folder(
             str(spec.model_dir), use_folds=tuple(spec.folds), checkpoint_name=f"checkpoint_{spec.checkpoint}.pth")
         reader = self.predictor.plans_manager.plans.get("image_reader_writer", "SimpleITKIO")
