@@ -175,7 +175,7 @@ def test_one_bad_image_per_step_fails_alone(tiny_model, tmp_path, capsys):
     assert any("sub-05" in f and "cannot read NIfTI" in f for f in failed)
     assert any("sub-02" in f and "RuntimeError: CUDA error" in f for f in failed)
     assert any("sub-03" in f and "No space left on device" in f for f in failed)
-    assert text.strip().splitlines()[-1] == "predict: 2 written, 0 up to date, 0 kept, 3 failed"
+    assert out.out.strip().splitlines()[-1] == "predict: 2 written, 0 up to date, 0 kept, 3 failed"
     written = sorted(Path(k).name for k in masks_of(ds))
     assert written == ["sub-01_T2w_label-sacrum_seg.nii.gz", "sub-04_T2w_label-sacrum_seg.nii.gz"]
     assert sorted(Path(k).name for k in sidecars_of(ds)) == [w.replace(".nii.gz", ".json") for w in written]
