@@ -576,4 +576,20 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
     signal.signal(signal.SIGTERM, old_term)
     progress.forward_seconds = network.forward_seconds
     progress.wall_seconds = time.perf_counter() - t0
+    write_stats(progress)
     return progress
+
+
+def write_stats(progress: Progress) -> None:
+    """With ``SACRUM_ENGINE_STATS=FILE`` (the benchmark), the run's timings and peak RSS as JSON in FILE."""
+    import json
+    import resource
+
+    path = os.environ.get("SACRUM_ENGINE_STATS")
+    if not path:
+        return
+    stats = {"images": progress.images, "wall_seconds": progress.wall_seconds,
+             "forward_seconds": progress.forward_seconds, "model_load_seconds": progress.model_load_seconds,
+             "peak_rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             "peak_rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    Path(path).write_text(json.dumps(stats))

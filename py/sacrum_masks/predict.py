@@ -772,8 +772,10 @@ _MODEL_HELP = ("nnU-Net model folder; default: the one `make train` writes, "
               help="Wait for another run's lock instead of exiting.")
 @click.option("--shard", default="1/1", envvar="SHARD", show_envvar=True, callback=_shard_option,
               help="Process shard I of N of the sorted image list (SLURM array tasks).")
+@click.option("--serial", is_flag=True, hidden=True,
+              help="One image after the other in one process (predict_single_npy_array): the benchmark's baseline.")
 def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold, checkpoint, gpu, device, preset,
-                    tile_step, mirroring, workers, save_probabilities, force, wait, shard):
+                    tile_step, mirroring, workers, save_probabilities, force, wait, shard, serial):
     """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets.
 
     Exit status: 0 when nothing failed (also when another run holds a lock), 1 when an image failed,
@@ -810,4 +812,6 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold
         click.echo(f"predict: shard {shard[0]}/{shard[1]}: {len(selected)} of {len(items)} images")
     settings = Settings(Path(model_dir), fold, checkpoint, device, chosen["tile_step"], mirroring, force, wait, shard,
                         workers, save_probabilities, chosen.get("bf16", False), preset)
-    sys.exit(run_predict(selected, settings))
+    serial_model = (lambda s: NnunetModel(s.model_dir, s.fold, s.checkpoint, s.device, s.tile_step, s.mirroring)) \
+        if serial else None
+    sys.exit(run_predict(selected, settings, model_factory=serial_model))
