@@ -107,9 +107,18 @@ def part_real(args, work: Path) -> None:
     cfg = json.loads(plans.read_text())["configurations"]["3d_fullres"]
     model = write_initialised_model(work / "results" / raw.name / "nnUNetTrainer__nnUNetPlans__3d_fullres",
                                     plans, raw / "dataset.json")
+    small_plans = work / "plans_small.json"
+    shutil.copyfile(plans, small_plans)
+    add_small_plans(small_plans)
+    small = write_initialised_model(work / "results" / raw.name / "nnUNetTrainer__nnUNetPlans__3d_fullres_small",
+                                    small_plans, raw / "dataset.json", configuration="3d_fullres_small")
+    if args.network == "small":
+        cfg = json.loads(small_plans.read_text())["configurations"]["3d_fullres_small"]
+        cfg = {**json.loads(plans.read_text())["configurations"]["3d_fullres"], **cfg}
+        model = small
     print(f"bench_engine real size: {args.images} images 15x512x512 at 3.3x0.6x0.6 mm; nnU-Net 3d_fullres plans: "
           f"patch {cfg['patch_size']}, spacing {cfg['spacing']}, features "
-          f"{cfg['architecture']['arch_kwargs']['features_per_stage']}; fresh weights; {args.workers} workers, "
+          f"{cfg['architecture']['arch_kwargs']['features_per_stage']} ({args.network} network); fresh weights; {args.workers} workers, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at start); made in "
           f"{time.perf_counter() - t:.0f} s", flush=True)
 
@@ -133,11 +142,6 @@ def part_real(args, work: Path) -> None:
     print(f"  (c) serial path {t_serial:.1f} s; pipelined {t_ours:.1f} s: ratio {t_serial / t_ours:.2f}x", flush=True)
 
     # peak RSS: the same plans' small network, 10 against 100 images
-    small_plans = work / "plans_small.json"
-    shutil.copyfile(plans, small_plans)
-    add_small_plans(small_plans)
-    small = write_initialised_model(work / "results" / raw.name / "nnUNetTrainer__nnUNetPlans__3d_fullres_small",
-                                    small_plans, raw / "dataset.json", configuration="3d_fullres_small")
     rows = []
     for count in args.rss_images:
         ds = renamed_copies(bids, work / f"rss{count}" / "ds", count)
@@ -218,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rss-images", type=int, nargs="*", default=[10, 100])
+    parser.add_argument("--network", choices=["default", "small"], default="default",
+                        help="rows (a)-(c) with nnU-Net's 3d_fullres network (default) or its 8-64 feature copy")
     parser.add_argument("--cpu-images", type=int, default=8)
     parser.add_argument("--demo-data", type=Path, default=Path(os.environ.get("BENCH_DEMO_DATA", ROOT / "data" / "demo")))
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")

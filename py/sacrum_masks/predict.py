@@ -754,7 +754,8 @@ _MODEL_HELP = ("nnU-Net model folder; default: the one `make train` writes, "
 @click.option("--preset", type=click.Choice(["default", "fast"]), default=None, envvar="SACRUM_PRESET",
               show_envvar=True, show_default=False,
               help="CPU settings measured by bench/bench_engine.py: fast = the fastest whose masks agree with the "
-                   "default's (Dice >= 0.99 on the demo); sets --tile-step (README, Stage 4 engine).")
+                   "default's (Dice >= 0.99 on the demo): tile step 1.0 and, on a CPU with native bfloat16, bf16 "
+                   "autocast (README, Stage 4 engine).")
 @click.option("--tile-step", type=click.FloatRange(0.05, 1.0), default=None, envvar="TILE_STEP", show_envvar=True,
               show_default=False,
               help="Sliding-window step as a fraction of the patch (larger = faster, fewer overlaps) [default: 0.5, or the preset's].")
@@ -783,7 +784,7 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold
     0 2 * * * /path/to/sacrum-masks/bin/generate_sacrum.sh --bids /data/new-dataset >> /var/log/sacrum.log 2>&1
     """
     from .device import check_device
-    from .engine import PRESETS
+    from .engine import preset_settings
     from .model_zip import DEFAULT_MODEL_ZIP, install_model
 
     if config is None and not bids_dirs:
@@ -792,14 +793,14 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold
         config = DEFAULT_CONFIG
     if model_dir is None:
         raise click.UsageError("give --model DIR (or SACRUM_MODEL, or nnUNet_results: source env.sh)")
-    chosen = dict(PRESETS[preset or "default"])
-    if tile_step is not None:
-        chosen["tile_step"] = tile_step
     if device is None:
         try:
             device = check_device(gpu, torch_device=True)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--gpu / GPU") from None
+    chosen = preset_settings(preset, device)
+    if tile_step is not None:
+        chosen["tile_step"] = tile_step
     click.echo(f"predict: model {model_dir} fold {fold} checkpoint {checkpoint} device {device}")
     if not Path(model_dir).is_dir():
         click.echo(f"predict: installing the model from {model_zip or DEFAULT_MODEL_ZIP}")
