@@ -216,9 +216,34 @@ def part_cpu(args, work: Path) -> None:
               f"{d:.4f} ({len(common)} masks, exit {code})", flush=True)
 
 
+def part_rss_demo(args, work: Path) -> None:
+    """Peak RSS for 10 and 100 images with the demo model (demo images under more names): bounded buffers."""
+    model = args.demo_data / DEMO_MODEL
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        print(f"bench_engine RSS (demo): skipped, no demo model in {model}")
+        return
+    src = work / "rss_demo_src"
+    images = sorted(p for p in (args.demo_data / "bids" / "spider-challenge-2023").glob("sub-*/**/anat/*.nii.gz")
+                    if "_CT" not in p.name)
+    for i, img in enumerate(images):
+        dst = src / f"sub-{i + 1:03d}" / "anat" / f"sub-{i + 1:03d}_T2w.nii.gz"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(img, dst)
+    rows = []
+    for count in args.rss_images:
+        ds = renamed_copies(src, work / f"rss_demo{count}" / "ds", count)
+        wall, st = ours(ds, model, args.workers, work)
+        rows.append((count, st))
+        print(f"  RSS (demo model) {count} images: {wall:.1f} s, peak RSS main {st.get('peak_rss_main_mb', 0):.0f} MB, "
+              f"largest worker {st.get('peak_rss_worker_mb', 0):.0f} MB", flush=True)
+    if len(rows) == 2:
+        a, b = rows[0][1].get("peak_rss_main_mb", 1), rows[1][1].get("peak_rss_main_mb", 1)
+        print(f"  peak RSS (demo model) {rows[1][0]} / {rows[0][0]} images: {b / a:.2f}x (goal <= 1.5x)", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["real", "cpu", "all"], default="all")
+    parser.add_argument("--part", choices=["real", "cpu", "rss-demo", "all"], default="all")
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rss-images", type=int, nargs="*", default=[10, 100])
@@ -235,6 +260,8 @@ def main(argv=None) -> int:
             part_cpu(args, work)
         if args.part in ("real", "all"):
             part_real(args, work)
+        if args.part == "rss-demo":
+            part_rss_demo(args, work)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
