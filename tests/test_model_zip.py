@@ -101,7 +101,8 @@ def test_install_model_from_file_url(tmp_path):
     model_dir = tmp_path / "results" / MODEL
     assert install_model(z.as_uri(), model_dir) == model_dir
     assert (model_dir / "plans.json").is_file()
-    assert not list((tmp_path / "results").glob(".*"))   # no download or staging left
+    left = [p.name for p in (tmp_path / "results").glob(".*")]
+    assert left == [".install-Dataset300_SacrumDataset.lock"]   # no download or staging left; the lock stays
 
 
 def test_unreachable_url_is_one_line_and_nonzero(tmp_path):
@@ -116,10 +117,27 @@ def test_unreachable_url_is_one_line_and_nonzero(tmp_path):
     assert err_lines[0].startswith("sacrum-masks: error: cannot download http://127.0.0.1:9/x.zip: ")
     assert err_lines[0].endswith("download it on a connected machine and pass --model-zip PATH")
     assert not model_dir.exists()
-    assert not list((tmp_path / "results").glob("*")) + list((tmp_path / "results").glob(".*"))
+    left = list((tmp_path / "results").glob("*")) + list((tmp_path / "results").glob(".*"))
+    assert {p.name for p in left} == {".install-Dataset300_SacrumDataset.lock"}   # only the install lock
 
 
 def test_cli_present_model_does_nothing(tmp_path):
     (tmp_path / MODEL).mkdir(parents=True)
     result = CliRunner().invoke(cli, ["install-model", "--model", str(tmp_path / MODEL), "--model-zip", "nope.zip"])
     assert result.exit_code == 0 and "model present" in result.output
+
+
+def test_four_processes_at_once_install_once_and_all_use_it(tmp_path):
+    """SLURM array tasks on a fresh node: one installs under the lock, the other three wait and use it."""
+    zpath = make_zip(tmp_path / "model.zip", {**good_members(), f"{MODEL}/fold_0/big.bin": b"x" * (8 << 20)})
+    model = tmp_path / "results" / MODEL
+    code = ("import sys, time; from sacrum_masks.model_zip import ensure_model; t = float(sys.argv[3]);"
+            "time.sleep(max(0.0, t - time.time())); print(ensure_model(sys.argv[1], sys.argv[2]))")
+    start = str(__import__("time").time() + 3.0)   # all four enter at the same moment
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(zpath), str(model), start], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert sorted(o.strip() for o, _ in outs) == ["False", "False", "False", "True"]
+    assert (model / "fold_0" / "big.bin").stat().st_size == 8 << 20
+    assert not [p for p in (tmp_path / "results").iterdir() if p.name.startswith(".install-model-")]

@@ -243,10 +243,18 @@ class DerivativeFolder:
         side = sidecar_path(paths[0])
         final = sidecar(self.program, plan, fields, generated, before)
         pending = {**final, "SourcesSHA256": {}, "Pending": True}
-        write_json_atomic(pending, side)
-        for path, img in outputs.items():
-            save_nifti_atomic(img, path)
-        write_json_atomic(final, side)
+        fresh = [p for p in (side, *paths) if not Path(p).exists()]
+        try:
+            write_json_atomic(pending, side)
+            for path, img in outputs.items():
+                save_nifti_atomic(img, path)
+            write_json_atomic(final, side)
+        except BaseException:
+            # a failed write (a full disk) takes back the files it created; a rewrite keeps its pending
+            # sidecar, which says "out of date" to the next run
+            for p in fresh:
+                Path(p).unlink(missing_ok=True)
+            raise
         return final
 
 

@@ -26,6 +26,14 @@ class InputError(Exception):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):
+        """Pickled with its two arguments (it crosses from the stage 4 engine's worker processes).
+
+        >>> import pickle; pickle.loads(pickle.dumps(InputError("a.nii.gz", "no such file"))).reason
+        'no such file'
+        """
+        return type(self), (self.path, self.reason)
+
 
 #: exit status of a run that found its output locked by another run (sysexits.h EX_TEMPFAIL: try again later)
 EXIT_BUSY = 75

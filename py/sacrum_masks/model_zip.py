@@ -5,6 +5,8 @@ The zip has nnU-Net's export layout (``nnUNetv2_export_model_to_zip``): members 
 Every member name is checked before anything is extracted (no absolute path, no ``..``, no link);
 the archive is extracted into a hidden folder beside the destination and each model folder is
 renamed into place, so an interrupted install never leaves half a model where a run would use it.
+Concurrent installs of one model (SLURM array tasks starting on a fresh node) take an exclusive lock
+(``<nnUNet_results>/.install-<Dataset>.lock``): one installs, the others wait, find the folder and use it.
 """
 
 from __future__ import annotations
@@ -146,10 +148,27 @@ def install_model(source: str, model_dir: str | Path, timeout: float = 60.0) -> 
     ``source`` is a zip path or an ``http(s)://`` / ``file://`` URL; a download goes to a temporary file
     beside the results folder and is deleted after the install.
     """
+    ensure_model(source, model_dir, timeout)
+    return Path(model_dir)
+
+
+def ensure_model(source: str, model_dir: str | Path, timeout: float = 60.0) -> bool:
+    """:func:`install_model`, returning True when this process installed it (False: it was there, or
+    another process installed it while this one waited for the lock)."""
+    from .batch import folder_lock
+
     model_dir = Path(model_dir)
     if model_dir.is_dir():
-        return model_dir
+        return False
     results = model_dir.parent.parent
+    with folder_lock(results, wait=True, name=f".install-{model_dir.parent.name}.lock"):
+        if model_dir.is_dir():   # another process installed it while this one waited
+            return False
+        _install(source, model_dir, results, timeout)
+    return True
+
+
+def _install(source: str, model_dir: Path, results: Path, timeout: float) -> None:
     expect = f"{model_dir.parent.name}/{model_dir.name}"
     if is_url(source):
         results.mkdir(parents=True, exist_ok=True)
@@ -162,7 +181,6 @@ def install_model(source: str, model_dir: str | Path, timeout: float = 60.0) -> 
             Path(tmp).unlink(missing_ok=True)
     else:
         install_model_zip(source, results, expect)
-    return model_dir
 
 
 @click.command("install-model")
@@ -177,5 +195,7 @@ def install_model_command(model_dir: Path, source: str, timeout: float):
         click.echo(f"install-model: model present  {model_dir}")
         return
     click.echo(f"install-model: installing {model_dir} from {source}")
-    install_model(source, model_dir, timeout=timeout)
-    click.echo(f"install-model: installed  {model_dir}")
+    if ensure_model(source, model_dir, timeout=timeout):
+        click.echo(f"install-model: installed  {model_dir}")
+    else:
+        click.echo(f"install-model: model present  {model_dir} (installed by another process meanwhile)")

@@ -52,6 +52,7 @@ from .components import largest_component
 from . import derivatives
 from .derivatives import DerivativeFolder, Plan
 from .errors import InputError, LockBusy
+from .folds import format_folds, parse_folds
 from .nifti import check_file, from_rpi, load_image, mask_like, sha256_file, to_rpi, voxel_volume_ml
 
 TOOL_NAME = "sacrum-masks"
@@ -319,11 +320,19 @@ def is_ours(sidecar: dict | None) -> bool:
     return derivatives.is_ours(sidecar, TOOL_NAME)
 
 
-def plan_mask(folder: DerivativeFolder, item: Item, settings: dict, force: bool = False) -> tuple[Plan, Path]:
-    """The writer's plan for one image's mask, and the mask's path (InputError: one line for the batch)."""
+def probseg_path(folder: DerivativeFolder, image: str | Path) -> Path:
+    """``<image stem>_label-sacrum_probseg.nii.gz`` beside the mask (BIDS probabilistic segmentation)."""
+    return folder.output_path(image, MASK_SUFFIX[0], "probseg")
+
+
+def plan_mask(folder: DerivativeFolder, item: Item, settings: dict, force: bool = False,
+              probseg: bool = False) -> tuple[Plan, Path]:
+    """The writer's plan for one image's mask (and its probseg when ``probseg``), and the mask's path
+    (InputError: one line for the batch)."""
     mask = folder.output_path(item.image, *MASK_SUFFIX)
     check_file(item.image)
-    return folder.plan(item.image, [mask], {folder.uri(item.image): item.image}, settings, force), mask
+    outputs = [mask, probseg_path(folder, item.image)] if probseg else [mask]
+    return folder.plan(item.image, outputs, {folder.uri(item.image): item.image}, settings, force), mask
 
 
 def mask_fields(mask: np.ndarray, img, n_removed: int) -> dict:
@@ -334,8 +343,10 @@ def mask_fields(mask: np.ndarray, img, n_removed: int) -> dict:
 
 
 def write_mask(folder: DerivativeFolder, mask_path: Path, plan: Plan, mask: np.ndarray, img, n_removed: int,
-               identity: dict, extra: dict | None = None) -> dict:
+               identity: dict, extra: dict | None = None, outputs: dict | None = None) -> dict:
     """Write one mask (on ``img``'s grid, its qform and sform) and its sidecar through the writer.
+
+    ``extra``: more sidecar keys (uncertainty); ``outputs``: more files ``{path: image}`` (the probseg).
 
     A plain function of picklable arguments, so an export worker can call it. Returns the sidecar.
     """
@@ -343,7 +354,79 @@ def write_mask(folder: DerivativeFolder, mask_path: Path, plan: Plan, mask: np.n
                  "Mirroring": plan.settings.get("Mirroring"),
                  "nnunetv2": _version("nnunetv2"), "torch": _version("torch")}
     fields = {**mask_fields(mask, img, n_removed), **(extra or {})}
-    return folder.write({mask_path: mask_like(mask, img)}, fields, plan, generated)
+    return folder.write({mask_path: mask_like(mask, img), **(outputs or {})}, fields, plan, generated)
+
+
+def probseg_like(probability: np.ndarray, reference) -> "nib.Nifti1Image":
+    """A float32 foreground probability image on ``reference``'s grid (qform and sform as :func:`mask_like`)."""
+    import nibabel as nib
+
+    grid = mask_like(np.zeros(probability.shape, np.uint8), reference)
+    out = nib.Nifti1Image(np.asarray(probability, np.float32), grid.affine, grid.header)
+    out.set_data_dtype(np.float32)
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """One mask to write (picklable): the item, its derivatives folder, its outputs and the writer's plan.
+
+    ``probseg`` is the ``_label-sacrum_probseg`` path when probabilities are saved, else None.
+    """
+
+    item: Item
+    folder: DerivativeFolder
+    mask: Path
+    plan: Plan
+    probseg: Path | None = None
+
+    @property
+    def image(self) -> Path:
+        return self.item.image
+
+    @property
+    def sidecar(self) -> Path:
+        return sidecar_path(self.mask)
+
+
+@dataclass(frozen=True)
+class WriteMask:
+    """The engine's sink: writes mask, sidecar and (optionally) probseg through the derivatives writer.
+
+    A picklable callable (:func:`sacrum_masks.engine.run` calls it in a worker process).
+    """
+
+    identity: dict
+
+    def __call__(self, job: Job, mask: np.ndarray, probability, info: dict):
+        img = info["image"]
+        extra = {k: v for k, v in (("BoundaryEntropy", info.get("boundary_entropy")),
+                                   ("FoldAgreementDice", info.get("fold_agreement_dice"))) if v is not None}
+        outputs = {}
+        if job.probseg is not None and probability is not None:
+            outputs[job.probseg] = probseg_like(probability, img)
+        sidecar = self.write(job, mask, img, info.get("components_removed", 0), extra, outputs)
+        return "written", describe(sidecar)
+
+    def write(self, job: Job, mask, img, n_removed: int, extra: dict, outputs: dict) -> dict:
+        return write_mask(job.folder, job.mask, job.plan, mask, img, n_removed, self.identity, extra, outputs)
+
+    def cleanup(self, job: Job) -> None:
+        """Remove the temporary files a killed write of ``job`` left (its outputs are whole or absent)."""
+        remove_stale_temporaries(*(p for p in (job.mask, job.sidecar, job.probseg) if p is not None))
+
+
+def describe(sidecar: dict) -> str:
+    """The log line's detail for a written mask."""
+    detail = (f"{sidecar['VoxelCount']} voxels, {sidecar['VolumeML']:g} mL, "
+              f"{sidecar['ComponentsRemoved']} components removed")
+    if "BoundaryEntropy" in sidecar:
+        detail += f", boundary entropy {sidecar['BoundaryEntropy']:.3f} bits"
+    if "FoldAgreementDice" in sidecar:
+        detail += f", fold agreement Dice {sidecar['FoldAgreementDice']:.3f}"
+    if sidecar["Empty"]:
+        detail = "EMPTY prediction (no sacrum found), empty mask written; " + detail
+    return detail
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -387,7 +470,11 @@ def segment_image(predict_fn: PredictFn, img, data: np.ndarray, connectivity: in
 
 
 class NnunetModel:
-    """An nnU-Net model loaded once; :meth:`predict` is a :data:`PredictFn`."""
+    """An nnU-Net model loaded once; :meth:`predict` is a :data:`PredictFn` (the serial path).
+
+    ``fold`` is a :func:`sacrum_masks.folds.parse_folds` value: several folds are one ensemble (logits
+    averaged, as ``nnUNetv2_predict -f``).
+    """
 
     def __init__(self, model_dir: str | Path, fold, checkpoint: str, device: str = "cpu",
                  tile_step: float = 0.5, mirroring: bool = False):
@@ -432,6 +519,10 @@ class Settings:
     shard: tuple[int, int] = (1, 1)
     contrasts: tuple[str, ...] | None = None    # None: the model's training contrasts (else every contrast)
     output_dir: Path | None = None              # None: <dataset>/derivatives/labels
+    workers: int | None = None
+    save_probabilities: bool = False
+    bf16: bool = False
+    preset: str | None = None
 
 
 def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool) -> None:
@@ -449,25 +540,91 @@ def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], w
     stack.enter_context(folder_lock(folder, wait=wait, name=f".sacrum-masks.shard-{shard[0]}-of-{shard[1]}.lock"))
 
 
-def run_predict(items: list[Item], settings: Settings, *, model_factory=None, stream=None) -> int:
+def engine_network_factory(settings: Settings):
+    """``threads -> engine.Network`` for the settings (the engine's default network)."""
+    from . import engine
+
+    spec = engine.ModelSpec(Path(settings.model_dir), parse_folds(settings.fold), settings.checkpoint,
+                            settings.device, settings.tile_step, settings.mirroring, settings.bf16)
+    return lambda threads: engine.Network(spec, threads)
+
+
+class _Log:
+    """One line per image (cron, pipes) or, when ``stream`` is a terminal, a tqdm bar with failures printed."""
+
+    def __init__(self, batch: Batch, total: int, stream):
+        self.batch, self.bar = batch, None
+        out = stream or sys.stdout
+        if total and hasattr(out, "isatty") and out.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="predict", unit="image", file=out)
+
+    def __call__(self, job, status: str, detail: str = "") -> None:
+        name = job.image if isinstance(job, Job) else job
+        if self.bar is None:
+            self.batch.report(name, status, detail)
+            return
+        stream = self.batch.stream
+        self.batch.stream = open(os.devnull, "w") if status != "failed" else None
+        try:
+            self.batch.report(name, status, detail)
+        finally:
+            if self.batch.stream is not None:
+                self.batch.stream.close()
+            self.batch.stream = stream
+        self.bar.update()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_serial(jobs: list[Job], model, sink, report) -> None:
+    """The serial path: :func:`segment_image` per image with ``model.predict``, then the same sink.
+
+    Used with a stand-in network (tests) and as the engine's equality oracle; any exception of one
+    image is that image's failure.
+    """
+    from .engine import failure_reason
+
+    for job in jobs:
+        start = time.perf_counter()
+        try:
+            img, data = load_image(job.image)
+            mask, n_removed = segment_image(model.predict, img, data)
+            out = sink(job, mask, None, {"image": img, "components_removed": n_removed})
+        except Exception as exc:
+            report(job, "failed", failure_reason(exc))
+            continue
+        status, detail = out if isinstance(out, tuple) else (out, "")
+        report(job, status, f"{detail}, {time.perf_counter() - start:.1f} s" if detail else detail)
+
+
+def run_predict(items: list[Item], settings: Settings, *, model_factory=None, network_factory=None,
+                sink_factory=None, stream=None) -> int:
     """Segment ``items`` (already selected): the batch of stage 4. Returns the exit status.
 
-    ``model_factory(settings)`` returns an object with a ``predict`` :data:`PredictFn`; it is called once,
-    and only when some mask has to be written (default: :class:`NnunetModel`).
+    By default the pipelined engine (:mod:`sacrum_masks.engine`) runs the nnU-Net model; a
+    ``network_factory(threads)`` replaces its network. ``model_factory(settings)`` instead runs the
+    serial path with an object whose ``predict`` is a :data:`PredictFn` (a stand-in network). Either is
+    called once, and only when some mask has to be written. ``sink_factory(identity)`` builds the
+    writer (default :class:`WriteMask`).
     """
-    model_factory = model_factory or (lambda s: NnunetModel(s.model_dir, s.fold, s.checkpoint, s.device,
-                                                            s.tile_step, s.mirroring))
     out = stream or sys.stdout
     batch = Batch("predict", stream=stream)
     identity = model_identity(settings.model_dir, settings.fold, settings.checkpoint)
     wanted = settings.contrasts or model_contrasts(settings.model_dir)
     mask_set = mask_settings(identity, settings.tile_step, settings.mirroring)
+    if settings.bf16:
+        mask_set["Bf16"] = True
     items = normalise_items(items)
     folders: dict[Path, DerivativeFolder] = {}
     for it in items:
         if it.error is None and it.dataset not in folders:
             # InputError (--output-dir inside the raw dataset) goes up: one line, exit 2, nothing written
             folders[it.dataset] = labels_folder(it.dataset, settings.output_dir)
+    empty = []
     with ExitStack() as locks:
         for folder in sorted(folders.values(), key=lambda f: str(f.root)):
             folder.ensure()   # InputError (a path component is a file) goes up: one line, exit 2
@@ -487,7 +644,7 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
                 if wanted and contrast not in wanted:
                     batch.report(it.image, SKIPPED_CONTRAST, f"{contrast} (segmenting {', '.join(wanted)})")
                     continue
-                plan, mask_path = plan_mask(folder, it, mask_set, settings.force)
+                plan, mask_path = plan_mask(folder, it, mask_set, settings.force, settings.save_probabilities)
             except InputError as exc:
                 batch.report(it.entry, "failed", exc.reason if Path(exc.path) == it.image else str(exc))
                 continue
@@ -496,28 +653,27 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
             elif plan.status == "up to date":
                 batch.report(it.image, "up to date")
             else:
-                todo.append((it, folder, mask_path, plan))
-        empty = []
+                todo.append(Job(it, folder, mask_path, plan,
+                                probseg_path(folder, it.image) if settings.save_probabilities else None))
         if todo:
-            model = model_factory(settings)
-            for it, folder, mask_path, plan in todo:
-                start = time.perf_counter()
-                try:
-                    img, data = load_image(it.image)
-                    mask, n_removed = segment_image(model.predict, img, data, CONNECTIVITY)
-                except InputError as exc:
-                    batch.report(it.image, "failed", exc.reason)
-                    continue
-                except OSError as exc:
-                    batch.report(it.image, "failed", f"cannot read ({exc.strerror or exc})")
-                    continue
-                sidecar = write_mask(folder, mask_path, plan, mask, img, n_removed, identity)
-                detail = (f"{sidecar['VoxelCount']} voxels, {sidecar['VolumeML']:g} mL, "
-                          f"{n_removed} components removed, {time.perf_counter() - start:.1f} s")
-                if sidecar["Empty"]:
-                    empty.append(str(it.image))
-                    detail = "EMPTY prediction (no sacrum found), empty mask written; " + detail
-                batch.report(it.image, "written", detail)
+            sink = (sink_factory or WriteMask)(identity)
+            log = _Log(batch, len(todo), stream)
+
+            def report(job, status, detail=""):
+                if status == "written" and detail.startswith("EMPTY"):
+                    empty.append(str(job.image))
+                log(job, status, detail)
+
+            try:
+                if model_factory is not None:
+                    run_serial(todo, model_factory(settings), sink, report)
+                else:
+                    from . import engine
+
+                    engine.run(todo, network_factory or engine_network_factory(settings), sink,
+                               workers=settings.workers, report=report, want_probabilities=settings.save_probabilities)
+            finally:
+                log.close()
     line = batch.summary(SUMMARY_ORDER)
     if empty:
         line += f"; {len(empty)} empty: " + ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
@@ -528,6 +684,24 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+#: the test config run when neither --config nor --bids is given (the original procedure's list)
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "resources" / "configs" / "test_sacrum.json"
+
+
+def default_model(env=None) -> Path | None:
+    """The model folder ``make train`` writes for DNUM / DNAME / TRAINER / CONFIGURATION, under nnUNet_results.
+
+    >>> str(default_model({"nnUNet_results": "/r"}))
+    '/r/Dataset300_SacrumDataset/nnUNetTrainer__nnUNetPlans__3d_fullres'
+    """
+    env = os.environ if env is None else env
+    results = env.get("nnUNet_results")
+    if not results:
+        return None
+    return (Path(results) / f"Dataset{env.get('DNUM') or 300}_{env.get('DNAME') or 'SacrumDataset'}"
+            / f"{env.get('TRAINER') or 'nnUNetTrainer'}__nnUNetPlans__{env.get('CONFIGURATION') or '3d_fullres'}")
+
+
 def _shard_option(ctx, param, value):
     try:
         return parse_shard(value)
@@ -536,34 +710,74 @@ def _shard_option(ctx, param, value):
 
 
 def _device_option(ctx, param, value):
-    if re.fullmatch(r"cpu|cuda(:\d+)?", value):
+    if value is None or re.fullmatch(r"cpu|cuda(:\d+)?", value):
         return value
     raise click.BadParameter(f"{value!r}: expected cpu, cuda or cuda:N")
 
 
-@click.command("predict")
-@click.option("--config", "config", type=click.Path(path_type=Path),
-              help="Test config (original format): DATASETS_PATH + TESTING list of <dataset>/sub-*/.../<image>.")
-@click.option("--datasets-path", type=click.Path(path_type=Path),
-              help="Overrides the config's DATASETS_PATH (else env DATASETS_PATH, else the config's).")
+def _fold_option(ctx, param, value):
+    try:
+        return format_folds(parse_folds(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _workers_option(ctx, param, value):
+    if value is None:
+        from .engine import cpu_allocation
+
+        return cpu_allocation()
+    return value
+
+
+_MODEL_HELP = ("nnU-Net model folder; default: the one `make train` writes, "
+               "$nnUNet_results/Dataset<DNUM>_<DNAME>/<TRAINER>__nnUNetPlans__<CONFIGURATION> from DNUM (300), "
+               f"DNAME (SacrumDataset), TRAINER (nnUNetTrainer), CONFIGURATION (3d_fullres); now {default_model()}")
+
+
+@click.command("predict", context_settings={"show_default": True})
+@click.option("--config", "config", type=click.Path(path_type=Path, exists=True, dir_okay=False), envvar="SACRUM_CONFIG",
+              show_envvar=True, help="Test config (original format): DATASETS_PATH + TESTING list of "
+              f"<dataset>/sub-*/.../<image>. Without --config and --bids: {DEFAULT_CONFIG.name} of the repository.")
+@click.option("--datasets-path", type=click.Path(path_type=Path), envvar="DATASETS_PATH", show_envvar=True,
+              help="Overrides the config's DATASETS_PATH.")
 @click.option("--bids", "bids_dirs", multiple=True, type=click.Path(path_type=Path),
               help="A BIDS dataset: every MRI image of sub-*/[ses-*/]anat (repeatable).")
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="nnU-Net model folder (<nnUNet_results>/<Dataset>/<Trainer__Plans__Configuration>).")
-@click.option("--fold", default="0", show_default=True,
-              help="Fold 0-4, a list (\"0 1 2 3 4\": one ensemble, outputs averaged as nnUNetv2_predict -f does) "
-                   "or all (nnU-Net's fold_all).")
-@click.option("--checkpoint", type=click.Choice(["best", "final"]), default="best", show_default=True)
-@click.option("--device", default="cpu", show_default=True, callback=_device_option,
-              help="cpu, cuda (the first visible GPU) or cuda:N (visible GPU N, e.g. of a SLURM allocation); "
-                   "bin/generate_sacrum.sh picks it from GPU (sacrum-masks check-device --torch-device).")
-@click.option("--tile-step", type=click.FloatRange(0.05, 1.0), default=0.5, show_default=True,
-              help="Sliding-window step as a fraction of the patch (larger = faster, fewer overlaps).")
-@click.option("--mirroring/--no-mirroring", default=False, show_default=True,
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), envvar="SACRUM_MODEL", show_envvar=True,
+              default=default_model, show_default=False, help=_MODEL_HELP)
+@click.option("--model-zip", envvar="MODEL_ZIP", show_envvar=True, default=None, show_default=False,
+              help="Zip file or URL that installs the model when its folder is missing (under a lock: concurrent "
+                   "runs install it once); default: the original release.")
+@click.option("--fold", default="0", envvar="FOLD", show_envvar=True, callback=_fold_option,
+              help="Fold 0-4, a list (\"0 1 2 3 4\": one ensemble) or 'all'.")
+@click.option("--checkpoint", type=click.Choice(["best", "final"]), default="best", envvar="CHECKPOINT",
+              show_envvar=True)
+@click.option("--gpu", default="0", envvar="GPU", show_envvar=True,
+              help="CUDA device id or cpu; an existing CUDA_VISIBLE_DEVICES (a SLURM allocation) is kept and "
+                   "the id indexes it (0 = the first allocated GPU).")
+@click.option("--device", default=None, callback=_device_option, show_default=False,
+              help="Torch device (cpu, cuda, cuda:N) instead of --gpu.")
+@click.option("--preset", type=click.Choice(["default", "fast"]), default=None, envvar="SACRUM_PRESET",
+              show_envvar=True, show_default=False,
+              help="CPU settings measured by bench/bench_engine.py: fast = the fastest whose masks agree with the "
+                   "default's (Dice >= 0.99 on the demo): tile step 1.0 and, on a CPU with native bfloat16, bf16 "
+                   "autocast (README, Stage 4 engine).")
+@click.option("--tile-step", type=click.FloatRange(0.05, 1.0), default=None, envvar="TILE_STEP", show_envvar=True,
+              show_default=False,
+              help="Sliding-window step as a fraction of the patch (larger = faster, fewer overlaps) [default: 0.5, or the preset's].")
+@click.option("--mirroring/--no-mirroring", default=False, envvar="MIRRORING", show_envvar=True,
               help="Test-time mirroring (slower, usually a little smoother).")
-@click.option("--force", is_flag=True, help="Rewrite masks of ours even when up to date (manual masks are kept).")
-@click.option("--wait", is_flag=True, help="Wait for another run's lock instead of exiting.")
-@click.option("--shard", default="1/1", show_default=True, callback=_shard_option,
+@click.option("--workers", type=click.IntRange(1, 1024), default=None, envvar="SACRUM_WORKERS", show_envvar=True,
+              callback=_workers_option, show_default=False,
+              help="CPUs to use [default: SLURM_CPUS_PER_TASK, else the CPUs of this process]: reader/export "
+                   "processes plus the network's torch threads never exceed it.")
+@click.option("--save-probabilities", is_flag=True, envvar="SACRUM_SAVE_PROBABILITIES", show_envvar=True,
+              help="Also write <image>_label-sacrum_probseg.nii.gz (foreground probability, BIDS probseg).")
+@click.option("--force", is_flag=True, envvar="FORCE", show_envvar=True,
+              help="Rewrite masks of ours even when up to date (manual masks are kept).")
+@click.option("--wait", is_flag=True, envvar="WAIT", show_envvar=True,
+              help="Wait for another run's lock instead of exiting.")
+@click.option("--shard", default="1/1", envvar="SHARD", show_envvar=True, callback=_shard_option,
               help="Process shard I of N of the sorted image list (SLURM array tasks).")
 @click.option("--contrast", "contrast", envvar="SACRUM_CONTRAST", show_envvar=True, default=None,
               help="Contrasts to segment, e.g. T1w,T2w (default: the config's CONTRASTS, else the model's "
@@ -571,18 +785,40 @@ def _device_option(ctx, param, value):
 @click.option("--output-dir", "output_dir", envvar="SACRUM_OUTPUT_DIR", show_envvar=True, default=None,
               type=click.Path(path_type=Path),
               help="Write DIR/<dataset>/derivatives/labels instead of inside each dataset (read-only datasets).")
-def predict_command(config, datasets_path, bids_dirs, model_dir, fold, checkpoint, device, tile_step, mirroring,
-                    force, wait, shard, contrast, output_dir):
-    """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets."""
-    if config is None and not bids_dirs:
-        raise click.UsageError("give --config FILE and/or --bids DIR")
-    from .folds import format_folds, parse_folds
+@click.option("--serial", is_flag=True, hidden=True,
+              help="One image after the other in one process (predict_single_npy_array): the benchmark's baseline.")
+def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold, checkpoint, gpu, device, preset,
+                    tile_step, mirroring, workers, save_probabilities, force, wait, shard, contrast, output_dir,
+                    serial):
+    """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets.
 
-    try:
-        fold = format_folds(parse_folds(fold))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--fold") from None
+    Exit status: 0 when nothing failed (also when another run holds a lock), 1 when an image failed,
+    2 for a usage error or a model that cannot be installed. Crontab example (every night at 2:00, GPU 0):
+    0 2 * * * /path/to/sacrum-masks/bin/generate_sacrum.sh --bids /data/new-dataset >> /var/log/sacrum.log 2>&1
+    """
+    from .device import check_device
+    from .engine import preset_settings
+    from .model_zip import DEFAULT_MODEL_ZIP, install_model
+
+    if config is None and not bids_dirs:
+        if not DEFAULT_CONFIG.is_file():
+            raise click.UsageError("give --config FILE and/or --bids DIR")
+        config = DEFAULT_CONFIG
+    if model_dir is None:
+        raise click.UsageError("give --model DIR (or SACRUM_MODEL, or nnUNet_results: source env.sh)")
+    if device is None:
+        try:
+            device = check_device(gpu, torch_device=True)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gpu / GPU") from None
+    chosen = preset_settings(preset, device)
+    if tile_step is not None:
+        chosen["tile_step"] = tile_step
     contrasts = parse_contrasts(contrast)
+    click.echo(f"predict: model {model_dir} fold {fold} checkpoint {checkpoint} device {device}")
+    if not Path(model_dir).is_dir():
+        click.echo(f"predict: installing the model from {model_zip or DEFAULT_MODEL_ZIP}")
+        install_model(model_zip or DEFAULT_MODEL_ZIP, model_dir)
     items = items_from_config(config, datasets_path) if config is not None else []
     if contrasts is None and config is not None:
         contrasts = config_contrasts(config)
@@ -591,6 +827,8 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, fold, checkpoin
     selected = select_items(items, shard)
     if shard != (1, 1):
         click.echo(f"predict: shard {shard[0]}/{shard[1]}: {len(selected)} of {len(items)} images")
-    settings = Settings(Path(model_dir), fold, checkpoint, device, tile_step, mirroring, force, wait, shard,
-                        contrasts, output_dir)
-    sys.exit(run_predict(selected, settings))
+    settings = Settings(Path(model_dir), fold, checkpoint, device, chosen["tile_step"], mirroring, force, wait, shard,
+                        contrasts, output_dir, workers, save_probabilities, chosen.get("bf16", False), preset)
+    serial_model = (lambda s: NnunetModel(s.model_dir, s.fold, s.checkpoint, s.device, s.tile_step, s.mirroring)) \
+        if serial else None
+    sys.exit(run_predict(selected, settings, model_factory=serial_model))
