@@ -53,7 +53,8 @@ from . import derivatives
 from .derivatives import DerivativeFolder, Plan
 from .errors import InputError, LockBusy
 from .folds import format_folds, parse_folds
-from .nifti import check_file, from_rpi, load_image, mask_like, sha256_file, to_rpi, voxel_volume_ml
+from .nifti import (check_file, from_rpi, load_image, mask_like, remove_stale_temporaries, sha256_file, to_rpi,
+                    voxel_volume_ml)
 
 TOOL_NAME = "sacrum-masks"
 PIPELINE = "labels"
@@ -357,7 +358,7 @@ def write_mask(folder: DerivativeFolder, mask_path: Path, plan: Plan, mask: np.n
     return folder.write({mask_path: mask_like(mask, img), **(outputs or {})}, fields, plan, generated)
 
 
-def probseg_like(probability: np.ndarray, reference) -> "nib.Nifti1Image":
+def probseg_like(probability: np.ndarray, reference):
     """A float32 foreground probability image on ``reference``'s grid (qform and sform as :func:`mask_like`)."""
     import nibabel as nib
 
