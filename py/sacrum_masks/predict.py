@@ -23,7 +23,12 @@ Conventions
   rewrite the mask is: whatever point a run is killed at, the next run sees "missing" or "out of
   date", never "kept" or "up to date" for a stale mask.
 * One lock per output folder (``derivatives/labels``), taken in sorted order; a busy lock makes the
-  run exit 0 without work (or wait with ``--wait``).
+  run exit 0 without work (or wait with ``--wait``). Shard runs (``--shard I/N``) hold it shared and
+  claim each image (:mod:`sacrum_masks.claims`: a lock per output, whatever N), so shards of different
+  N never write one image at once: an image another run has claimed is reported ``busy`` and left to it.
+  Stale temporaries are removed only under the image's claim. ``--lock-dir`` puts every lock file on a
+  local flock-capable folder (file systems without flock); ``--report FILE.json`` records each image's
+  status and the counts (read by ``sacrum-masks slurm-summary``).
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ import numpy as np
 
 from . import __version__
 from .batch import Batch, folder_lock
+from .claims import Claims
 from . import bids
 from .bids import BidsName, derivative_path, find_images, sidecar_path, split_extension
 from .config import read_json_object_or_none
 from .components import largest_component
 from .errors import InputError, LockBusy
-from .nifti import (check_file, from_rpi, load_image, remove_stale_temporaries, mask_like, save_nifti_atomic, sha256_file, to_rpi,
+from .nifti import (check_file, from_rpi, load_image, mask_like, save_nifti_atomic, sha256_file, to_rpi,
                     voxel_volume_ml, write_json_atomic)
 
 TOOL_NAME = "sacrum-masks"
@@ -398,21 +404,62 @@ class Settings:
     force: bool = False
     wait: bool = False
     shard: tuple[int, int] = (1, 1)
+    lock_dir: Path | None = None
+    report: Path | None = None
 
 
-def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool) -> None:
+def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool,
+                       lock_dir: Path | None = None) -> None:
     """Lock one output folder for this run; raises :class:`LockBusy` when another run conflicts.
 
     A whole-list run holds the folder's lock exclusively. A shard run (``--shard I/N``, SLURM array
-    tasks) holds it shared, so the N shards of one cohort run side by side (their images are disjoint),
-    plus an exclusive lock of its own shard, so the same shard never runs twice at once; a whole-list
-    run and a shard run exclude each other.
+    tasks) holds it shared, so shards run side by side, whatever their N; they never write one image at
+    once because each image is claimed (:mod:`sacrum_masks.claims`). A whole-list run and a shard run
+    exclude each other.
     """
-    if shard == (1, 1):
-        stack.enter_context(folder_lock(folder, wait=wait))
-        return
-    stack.enter_context(folder_lock(folder, wait=wait, shared=True))
-    stack.enter_context(folder_lock(folder, wait=wait, name=f".sacrum-masks.shard-{shard[0]}-of-{shard[1]}.lock"))
+    stack.enter_context(folder_lock(folder, wait=wait, shared=shard != (1, 1), lock_dir=lock_dir))
+
+
+def output_folder(item: Item) -> Path:
+    """The output folder of an item (``<dataset>/derivatives/labels``): its lock and its claims."""
+    return item.dataset / "derivatives" / PIPELINE
+
+
+def plan_item(claims: Claims, item: Item, mask_path: Path, side_path: Path, identity: dict,
+              force: bool) -> tuple[str, str]:
+    """Plan one image under its claim: ``(status, detail_or_sha)``.
+
+    Status ``"busy"`` (another run holds the claim), ``"failed"`` (detail: why), ``"kept"``,
+    ``"up to date"`` or ``"write"`` (detail: the input's SHA-256). Temporaries a killed run left beside
+    the outputs are removed here, under the claim, which is released before returning.
+    """
+    claim = claims.try_claim(mask_path, output_folder(item))
+    if claim is None:
+        return "busy", "another run is writing it"
+    with claim:
+        claim.remove_stale_temporaries(mask_path, side_path)
+        try:
+            sha = sha256_file(item.image)
+        except OSError as exc:   # permission denied, I/O error, ...: this image only
+            return "failed", f"cannot read ({exc.strerror or exc})"
+        return plan_status(mask_path, read_sidecar(side_path), sha, identity, force), sha
+
+
+def report_planned(batch: Batch, item: Item, status: str, detail: str, mask_path: Path) -> None:
+    """One line for an image that needs no writing (status of :func:`plan_item` other than "write")."""
+    if status == "kept":
+        batch.report(item.image, "kept", f"{mask_path.name} was not written by {TOOL_NAME}")
+    elif status == "up to date":
+        batch.report(item.image, "up to date")
+    else:
+        batch.report(item.image, status, detail)
+
+
+def write_report(batch: Batch, settings: Settings, **extra) -> None:
+    """``--report FILE.json``: the batch's statuses and counts (nothing when no report was asked for)."""
+    if settings.report is not None:
+        batch.write_report(settings.report, SUMMARY_ORDER, shard=f"{settings.shard[0]}/{settings.shard[1]}",
+                           **extra)
 
 
 def run_predict(items: list[Item], settings: Settings, *, model_factory=None, stream=None) -> int:
@@ -427,13 +474,15 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
     batch = Batch("predict", stream=stream)
     identity = model_identity(settings.model_dir, settings.fold, settings.checkpoint)
     items = normalise_items(items)
-    folders = sorted({it.dataset / "derivatives" / PIPELINE for it in items if it.error is None})
+    folders = sorted({output_folder(it) for it in items if it.error is None})
+    claims = Claims(settings.lock_dir)
     with ExitStack() as locks:
         for folder in folders:
             try:
-                lock_output_folder(locks, folder, settings.shard, settings.wait)
+                lock_output_folder(locks, folder, settings.shard, settings.wait, settings.lock_dir)
             except LockBusy:
                 print(f"predict: another run is writing {folder}; exiting", file=out, flush=True)
+                write_report(batch, settings, folders=[str(f) for f in folders], busy_folder=str(folder))
                 return 0
         for folder in folders:
             ensure_dataset_description(folder)
@@ -445,39 +494,43 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
             try:
                 mask_path, side_path = output_paths(it)
                 check_file(it.image)
-                remove_stale_temporaries(mask_path, side_path)
             except InputError as exc:
                 batch.report(it.entry, "failed", exc.reason)
                 continue
-            try:
-                sha = sha256_file(it.image)
-            except OSError as exc:   # permission denied, I/O error, ...: this image only
-                batch.report(it.entry, "failed", f"cannot read ({exc.strerror or exc})")
-                continue
-            status = plan_status(mask_path, read_sidecar(side_path), sha, identity, settings.force)
-            if status == "kept":
-                batch.report(it.image, "kept", f"{mask_path.name} was not written by {TOOL_NAME}")
-            elif status == "up to date":
-                batch.report(it.image, "up to date")
+            status, detail = plan_item(claims, it, mask_path, side_path, identity, settings.force)
+            if status == "write":
+                todo.append((it, mask_path, side_path, detail))
+            elif status == "failed":
+                batch.report(it.entry, "failed", detail)
             else:
-                todo.append((it, mask_path, side_path, sha))
+                report_planned(batch, it, status, detail, mask_path)
         empty = []
         if todo:
             model = model_factory(settings)
             run_settings = {"TileStepSize": settings.tile_step, "Mirroring": settings.mirroring}
             for it, mask_path, side_path, sha in todo:
                 start = time.perf_counter()
-                try:
-                    img, data = load_image(it.image)
-                    mask, n_removed = segment_image(model.predict, img, data)
-                except InputError as exc:
-                    batch.report(it.image, "failed", exc.reason)
+                claim = claims.try_claim(mask_path, output_folder(it))
+                if claim is None:
+                    batch.report(it.image, "busy", "another run is writing it")
                     continue
-                except OSError as exc:
-                    batch.report(it.image, "failed", f"cannot read ({exc.strerror or exc})")
-                    continue
-                sidecar = make_sidecar(it, identity, sha, mask, img, n_removed, run_settings)
-                write_outputs(mask_like(mask, img), mask_path, sidecar, side_path)
+                with claim:
+                    # planned again under the claim: another run may have written it since
+                    status = plan_status(mask_path, read_sidecar(side_path), sha, identity, settings.force)
+                    if status != "write":
+                        report_planned(batch, it, status, "", mask_path)
+                        continue
+                    try:
+                        img, data = load_image(it.image)
+                        mask, n_removed = segment_image(model.predict, img, data)
+                    except InputError as exc:
+                        batch.report(it.image, "failed", exc.reason)
+                        continue
+                    except OSError as exc:
+                        batch.report(it.image, "failed", f"cannot read ({exc.strerror or exc})")
+                        continue
+                    sidecar = make_sidecar(it, identity, sha, mask, img, n_removed, run_settings)
+                    write_outputs(mask_like(mask, img), mask_path, sidecar, side_path)
                 detail = (f"{sidecar['VoxelCount']} voxels, {sidecar['VolumeML']:g} mL, "
                           f"{n_removed} components removed, {time.perf_counter() - start:.1f} s")
                 if sidecar["Empty"]:
@@ -488,6 +541,7 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, st
     if empty:
         line += f"; {len(empty)} empty: " + ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
     print(line, file=out, flush=True)
+    write_report(batch, settings, folders=[str(f) for f in folders])
     return batch.exit_code
 
 
@@ -529,8 +583,13 @@ def _device_option(ctx, param, value):
 @click.option("--wait", is_flag=True, help="Wait for another run's lock instead of exiting.")
 @click.option("--shard", default="1/1", show_default=True, callback=_shard_option,
               help="Process shard I of N of the sorted image list (SLURM array tasks).")
+@click.option("--lock-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SACRUM_LOCK_DIR",
+              show_envvar=True, help="Folder for the lock files, on a local flock-capable file system, for "
+                                     "outputs on one without flock (then only runs on this node exclude each other).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), envvar="SACRUM_REPORT", show_envvar=True,
+              help="Write every image's status and the counts to this JSON file (read by slurm-summary).")
 def predict_command(config, datasets_path, bids_dirs, model_dir, fold, checkpoint, device, tile_step, mirroring,
-                    force, wait, shard):
+                    force, wait, shard, lock_dir, report):
     """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets."""
     if config is None and not bids_dirs:
         raise click.UsageError("give --config FILE and/or --bids DIR")
@@ -542,5 +601,6 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, fold, checkpoin
     selected = select_items(items, shard)
     if shard != (1, 1):
         click.echo(f"predict: shard {shard[0]}/{shard[1]}: {len(selected)} of {len(items)} images")
-    settings = Settings(Path(model_dir), fold, checkpoint, device, tile_step, mirroring, force, wait, shard)
+    settings = Settings(Path(model_dir), fold, checkpoint, device, tile_step, mirroring, force, wait, shard,
+                        lock_dir, report)
     sys.exit(run_predict(selected, settings))
