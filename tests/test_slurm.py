@@ -1,0 +1,132 @@
+"""bin/slurm_masks.sh and bin/slurm_train.sh on a real one-node SLURM (tests/slurm_cluster.py), demo model.
+
+The oracle is SLURM itself (job states from scontrol) and the one-machine run of bin/demo.sh: the
+3-shard array's masks must have the same voxel data as the masks demo.sh wrote on one machine.
+Slow (they predict and train with nnU-Net): one array submission shared by three tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from slurm_cluster import slurm_cluster, wait_job  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_SETS = ("whole-spine", "spider-challenge-2023")
+MASK = "*_label-sacrum_seg.nii.gz"
+CORRUPT = "sub-99/anat/sub-99_T2w.nii.gz"
+
+pytestmark = pytest.mark.slow
+
+
+def copy_raw(src: Path, dst: Path) -> Path:
+    """A copy of a BIDS dataset without its derivatives (a dataset nobody has run stage 4 on)."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("derivatives"))
+    return dst
+
+
+def job_env(cluster, demo_run) -> dict[str, str]:
+    env = dict(demo_run.env, SLURM_CONF=cluster.env["SLURM_CONF"], PYTHONPATH=str(ROOT / "py"),
+               CPUS="1", GPUS="0", TIME="00:30:00")
+    for var in ("N", "PARTITION", "ACCOUNT", "SLURM_RUN_DIR", "SACRUM_REPORT", "SACRUM_LOCK_DIR"):
+        env.pop(var, None)
+    return env
+
+
+def masks(ds: Path) -> dict[str, Path]:
+    deriv = ds / "derivatives" / "labels"
+    return {p.relative_to(deriv).as_posix(): p for p in sorted(deriv.rglob(MASK))}
+
+
+def submit_masks(env, run_dir: Path, datasets: list[Path], *extra: str) -> subprocess.CompletedProcess:
+    args = ["bash", str(ROOT / "bin" / "slurm_masks.sh"), "--shards", "3", "--run-dir", str(run_dir), "--wait"]
+    for ds in datasets:
+        args += ["--bids", str(ds)]
+    args += ["--", "--model", str(env["SACRUM_TEST_MODEL"]), "--fold", "0", "--checkpoint", "final", *extra]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def array_run(slurm_cluster, demo_run, tmp_path_factory):  # noqa: F811
+    """The test datasets (raw copies, one corrupt image added) through a 3-shard array and its summary."""
+    top = tmp_path_factory.mktemp("slurm_masks")
+    datasets = [copy_raw(demo_run.bids / name, top / name) for name in TEST_SETS]
+    bad = datasets[0] / CORRUPT
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    env = dict(job_env(slurm_cluster, demo_run), SACRUM_TEST_MODEL=str(demo_run.model_dir))
+    start = time.monotonic()
+    proc = submit_masks(env, top / "run1", datasets)
+    took = time.monotonic() - start
+    print(f"\nSLURM cluster start {slurm_cluster.start_s:.1f} s; 3-shard array + summary {took:.1f} s")
+    return types.SimpleNamespace(top=top, datasets=datasets, proc=proc, env=env, bad=bad, seconds=took,
+                                 run_dir=top / "run1", demo_run=demo_run)
+
+
+def test_array_masks_equal_one_machine_run(array_run):
+    assert "array job" in array_run.proc.stdout and "squeue -j" in array_run.proc.stdout, array_run.proc.stdout
+    for ds in array_run.datasets:
+        ours, one_machine = masks(ds), masks(array_run.demo_run.bids / ds.name)
+        assert ours.keys() == one_machine.keys() and len(ours) > 0
+        for rel, path in ours.items():
+            a, b = nib.load(path), nib.load(one_machine[rel])
+            assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)), rel
+            assert np.array_equal(a.affine, b.affine), rel
+
+
+def test_summary_names_the_corrupt_image_and_fails(array_run):
+    proc = array_run.proc
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = json.loads((array_run.run_dir / "summary.json").read_text())
+    assert [f["image"] for f in summary["failed_images"]] == [str(array_run.bad)]
+    n_images = sum(len(masks(ds)) for ds in array_run.datasets)
+    assert summary["totals"]["written"] == n_images == 24 and summary["totals"]["failed"] == 1
+    # the corrupt image's shard exits 1 (its task FAILED), the two others COMPLETED
+    assert sorted(s["state"] for s in summary["shards"]) == ["COMPLETED", "COMPLETED", "FAILED (exit 1:0)"]
+    text = (array_run.run_dir / "summary.txt").read_text()
+    assert f"  {array_run.bad}: " in text and "total: 24 written, 0 up to date, 0 kept, 1 failed" in text
+    assert proc.stdout.endswith(text)
+    # the summary job ran QC on each output folder
+    for ds in array_run.datasets:
+        assert (ds / "derivatives" / "qc-sacrum" / "index.html").is_file()
+
+
+def test_resubmit_writes_nothing_new(array_run):
+    before = {p: p.stat().st_mtime_ns for ds in array_run.datasets for p in masks(ds).values()}
+    proc = submit_masks(array_run.env, array_run.top / "run2", array_run.datasets)
+    assert proc.returncode == 1, proc.stdout + proc.stderr   # the corrupt image still fails
+    summary = json.loads((array_run.top / "run2" / "summary.json").read_text())
+    assert summary["totals"] == {"written": 0, "up to date": 24, "kept": 0, "failed": 1}
+    after = {p: p.stat().st_mtime_ns for ds in array_run.datasets for p in masks(ds).values()}
+    assert after == before
+
+
+def test_shards_1_of_2_and_1_of_3_together_never_write_one_image_twice(slurm_cluster, demo_run, tmp_path):  # noqa: F811
+    ds = copy_raw(demo_run.bids / "whole-spine", tmp_path / "whole-spine")
+    env = job_env(slurm_cluster, demo_run)
+    jobs = []
+    for shard in ("1/2", "1/3"):
+        report = tmp_path / f"report-{shard.replace('/', '-of-')}.json"
+        cmd = (f"cd {ROOT} && SACRUM_REPORT={report} exec bash bin/generate_sacrum.sh --bids {ds} --gpu cpu "
+               f"--model {demo_run.model_dir} --fold 0 --checkpoint final --wait --shard {shard}")
+        out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task", "1", "-o", str(tmp_path / f"{shard[-1]}.log"),
+                              "--wrap", cmd], env=env, capture_output=True, text=True, check=True)
+        jobs.append((out.stdout.strip(), report))
+    for job, _ in jobs:
+        assert set(wait_job(env, job).values()) == {"COMPLETED"}
+    reports = [json.loads(r.read_text()) for _, r in jobs]
+    written = [it["item"] for rep in reports for it in rep["items"] if it["status"] == "written"]
+    assert len(written) == len(set(written)) == 5   # images 0 2 4 6 and 0 3 6 of 8: five distinct, once each
+    images = sorted(str(p) for p in ds.rglob("*.nii.gz"))
+    assert set(written) == {images[i] for i in (0, 2, 3, 4, 6)}
+    for rep in reports:
+        assert set(it["status"] for it in rep["items"]) <= {"written", "busy", "up to date"}
