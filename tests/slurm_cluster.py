@@ -119,7 +119,7 @@ def start_munge() -> int | None:
     raise RuntimeError("munged did not write /run/munge/munged.pid")
 
 
-def _stop(pid: int, timeout: float = 10) -> None:
+def _stop(pid: int, timeout: float = 5) -> None:
     if not _alive(pid):
         return
     os.kill(pid, signal.SIGTERM)
@@ -167,8 +167,16 @@ def slurm_cluster(tmp_path_factory):
         yield types.SimpleNamespace(env=env, dir=d, conf=conf, start_s=time.monotonic() - start)
     finally:
         if any(name == "slurmctld" for name, _, _ in started):
+            # jobs first, then `scontrol shutdown` (slurmctld and slurmd stop at once; SIGTERM takes ~10 s)
             subprocess.run(["scancel", "--full", "--state=RUNNING"], env=env, capture_output=True)
             subprocess.run(["scancel", "--state=PENDING"], env=env, capture_output=True)
+            subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
+            for name, pid, proc in started:
+                if proc is not None:
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        pass
         for name, pid, proc in reversed(started):
             _stop(pid)
             if proc is not None:

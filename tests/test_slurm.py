@@ -2,7 +2,8 @@
 
 The oracle is SLURM itself (job states from scontrol) and the one-machine run of bin/demo.sh: the
 3-shard array's masks must have the same voxel data as the masks demo.sh wrote on one machine.
-Slow (they predict and train with nnU-Net): one array submission shared by three tests.
+The stage 4 and training tests are slow (they predict and train with nnU-Net): one array submission is
+shared by three tests.
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_SETS = ("whole-spine", "spider-challenge-2023")
 MASK = "*_label-sacrum_seg.nii.gz"
 CORRUPT = "sub-99/anat/sub-99_T2w.nii.gz"
-
-pytestmark = pytest.mark.slow
-
 
 def copy_raw(src: Path, dst: Path) -> Path:
     """A copy of a BIDS dataset without its derivatives (a dataset nobody has run stage 4 on)."""
@@ -55,6 +53,39 @@ def submit_masks(env, run_dir: Path, datasets: list[Path], *extra: str) -> subpr
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=1500)
 
 
+# ------------------------------------------------------------------ job states (fast: no nnU-Net)
+
+def _sbatch(env, *args) -> str:
+    out = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", *args], env=env, capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def _check_array(env, job, expect):
+    return subprocess.run(["sacrum-masks", "slurm-check-array", job, "--expect", expect, "--name", "fold {}"],
+                          env=env, capture_output=True, text=True)
+
+
+def test_check_array_names_the_failed_fold_and_a_cancelled_one(slurm_cluster, tmp_path):  # noqa: F811
+    env = dict(slurm_cluster.env, PYTHONPATH=str(ROOT / "py"),
+               PATH=f"{ROOT / '.venv' / 'bin'}:{slurm_cluster.env['PATH']}")
+    array = _sbatch(env, "--array", "0,1", "--wrap", "exit ${SLURM_ARRAY_TASK_ID}")
+    wait_job(env, array, 120)
+    res = _check_array(env, array, "0 1")
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == ["slurm-check-array: fold 1 FAILED (exit 1:0)",
+                                       f"slurm-check-array: array job {array}: 1 of 2 did not complete; stopping"]
+    assert _check_array(env, array, "0").returncode == 0
+    # an array after a failed job (afterok): cancelled at once (kill_invalid_depend), never left pending
+    failed = _sbatch(env, "--wrap", "exit 3")
+    after = _sbatch(env, "--array", "0,1", "--dependency", f"afterok:{failed}", "--wrap", "true")
+    wait_job(env, after, 120)
+    res = _check_array(env, after, "0 1")
+    assert res.returncode == 1 and "fold 0 CANCELLED" in res.stderr and "fold 1 CANCELLED" in res.stderr
+
+
+# ------------------------------------------------------------------------------ stage 4 as an array
+
 @pytest.fixture(scope="module")
 def array_run(slurm_cluster, demo_run, tmp_path_factory):  # noqa: F811
     """The test datasets (raw copies, one corrupt image added) through a 3-shard array and its summary."""
@@ -72,6 +103,7 @@ def array_run(slurm_cluster, demo_run, tmp_path_factory):  # noqa: F811
                                  run_dir=top / "run1", demo_run=demo_run)
 
 
+@pytest.mark.slow
 def test_array_masks_equal_one_machine_run(array_run):
     assert "array job" in array_run.proc.stdout and "squeue -j" in array_run.proc.stdout, array_run.proc.stdout
     for ds in array_run.datasets:
@@ -83,6 +115,7 @@ def test_array_masks_equal_one_machine_run(array_run):
             assert np.array_equal(a.affine, b.affine), rel
 
 
+@pytest.mark.slow
 def test_summary_names_the_corrupt_image_and_fails(array_run):
     proc = array_run.proc
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -100,6 +133,7 @@ def test_summary_names_the_corrupt_image_and_fails(array_run):
         assert (ds / "derivatives" / "qc-sacrum" / "index.html").is_file()
 
 
+@pytest.mark.slow
 def test_resubmit_writes_nothing_new(array_run):
     before = {p: p.stat().st_mtime_ns for ds in array_run.datasets for p in masks(ds).values()}
     proc = submit_masks(array_run.env, array_run.top / "run2", array_run.datasets)
@@ -110,6 +144,7 @@ def test_resubmit_writes_nothing_new(array_run):
     assert after == before
 
 
+@pytest.mark.slow
 def test_shards_1_of_2_and_1_of_3_together_never_write_one_image_twice(slurm_cluster, demo_run, tmp_path):  # noqa: F811
     ds = copy_raw(demo_run.bids / "whole-spine", tmp_path / "whole-spine")
     env = job_env(slurm_cluster, demo_run)
@@ -130,3 +165,39 @@ def test_shards_1_of_2_and_1_of_3_together_never_write_one_image_twice(slurm_clu
     assert set(written) == {images[i] for i in (0, 2, 3, 4, 6)}
     for rep in reports:
         assert set(it["status"] for it in rep["items"]) <= {"written", "busy", "up to date"}
+
+
+# --------------------------------------------------------------------------- summary (fast, no cluster)
+
+def test_summary_counts_names_failures_and_missing_reports(tmp_path):
+    from sacrum_masks.slurm import report_path, summarise, summary_text
+
+    def report(i, counts, items=(), **extra):
+        p = report_path(tmp_path, i, 3)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"command": "predict", "counts": counts, "items": list(items),
+                                 "exit_status": 1 if counts.get("failed") else 0, "folders": ["/d/derivatives/labels"],
+                                 **extra}))
+    report(1, {"written": 2, "up to date": 1, "kept": 0, "failed": 0})
+    report(2, {"written": 1, "up to date": 0, "kept": 1, "failed": 1, "busy": 1},
+           [{"item": "/d/sub-9/anat/sub-9_T2w.nii.gz", "status": "failed", "detail": "not a gzip file"}])
+    tasks = {1: {"JobState": "COMPLETED"}, 2: {"JobState": "FAILED", "Reason": "NonZeroExitCode", "ExitCode": "1:0"},
+             3: {"JobState": "TIMEOUT", "Reason": "TimeLimit"}}
+    s = summarise(tmp_path, 3, tasks)
+    assert s["exit_status"] == 1 and s["failed_shards"] == ["2/3", "3/3"]
+    assert s["totals"] == {"written": 3, "up to date": 1, "kept": 1, "failed": 1, "busy": 1}
+    text = summary_text(s, "41")
+    assert text.splitlines() == [
+        f"slurm-summary: {tmp_path} (array job 41, 3 shards)",
+        "shard 1/3: 2 written, 1 up to date, 0 kept, 0 failed  [COMPLETED]",
+        "shard 2/3: 1 written, 0 up to date, 1 kept, 1 failed, 1 busy  [FAILED (exit 1:0)]",
+        f"shard 3/3: -  [TIMEOUT (TimeLimit)]  FAILED: no report (log: {tmp_path}/logs/shard-3.log)",
+        "failed images (1):",
+        "  /d/sub-9/anat/sub-9_T2w.nii.gz: not a gzip file (shard 2/3)",
+        "total: 3 written, 1 up to date, 1 kept, 1 failed, 1 busy; 2 of 3 shards failed: 2/3 3/3"]
+    report(3, {"written": 0, "up to date": 3, "kept": 0, "failed": 0})
+    tasks[2] = tasks[3] = tasks[1]
+    report(2, {"written": 1, "up to date": 0, "kept": 0, "failed": 0})
+    assert summarise(tmp_path, 3, tasks)["exit_status"] == 0
+    tasks[3] = {"JobState": "CANCELLED", "Reason": "None", "ExitCode": "0:15"}   # killed after its report
+    assert summarise(tmp_path, 3, tasks)["failed_shards"] == ["3/3"]
