@@ -37,6 +37,10 @@ Options (environment variable, default):
   --shard I/N            only shard I of N of the sorted image list (SHARD, 1/1)
   --force                rewrite our masks even when up to date (FORCE=1); manual masks are always kept
   --wait                 wait for another run on the same dataset instead of exiting (WAIT=1)
+  --lock-dir DIR         lock files in DIR, a local flock-capable folder, for outputs on a file
+                         system without flock (SACRUM_LOCK_DIR; then only runs on this node
+                         exclude each other)
+  --report FILE.json     every image's status and the counts, as JSON (SACRUM_REPORT)
   -h, --help             this help
 
 Exit status: 0 when nothing failed (also when another run holds a lock), 1 when an image failed,
@@ -71,7 +75,7 @@ main() {
   while (( $# > 0 )); do
     case "$1" in
       -h|--help) usage; return 0 ;;
-      --config|--datasets-path|--bids|--model|--model-zip|--fold|--checkpoint|--gpu|--tile-step|--shard)
+      --config|--datasets-path|--bids|--model|--model-zip|--fold|--checkpoint|--gpu|--tile-step|--shard|--lock-dir|--report)
         if (( $# < 2 )); then err "$1 needs a value (see --help)"; return 2; fi
         case "$1" in
           --config) config="$2" ;;
@@ -84,6 +88,8 @@ main() {
           --gpu) gpu="$2" ;;
           --tile-step) tile_step="$2" ;;
           --shard) shard="$2" ;;
+          --lock-dir) export SACRUM_LOCK_DIR="$2" ;;
+          --report) export SACRUM_REPORT="$2" ;;
         esac
         shift 2 ;;
       --mirroring) mirroring=1; shift ;;

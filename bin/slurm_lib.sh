@@ -48,7 +48,11 @@ slurm_submit() {
 
 # quote ARGS...: the arguments as one shell-quoted string (for sbatch --wrap); nothing for no arguments
 quote() {
-  if (( $# > 0 )); then printf '%q ' "$@"; fi
+  local q
+  if (( $# > 0 )); then
+    printf -v q '%q ' "$@"
+    printf '%s' "${q% }"
+  fi
 }
 
 # slurm_wait JOB_ID: wait until the job (every task of an array) has ended; exit status 0 only when all

@@ -9,6 +9,7 @@ shared by three tests.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import time
@@ -45,11 +46,18 @@ def masks(ds: Path) -> dict[str, Path]:
     return {p.relative_to(deriv).as_posix(): p for p in sorted(deriv.rglob(MASK))}
 
 
+def demo_settings(demo_run) -> list[str]:
+    """generate_sacrum.sh options that repeat the one-machine run of demo.sh (read from a mask's sidecar)."""
+    side = next((demo_run.bids / TEST_SETS[0] / "derivatives" / "labels").rglob("*_label-sacrum_seg.json"))
+    made = json.loads(side.read_text())["GeneratedBy"][0]
+    return ["--model", str(demo_run.model_dir), "--fold", str(made["Fold"]), "--checkpoint", made["Checkpoint"]]
+
+
 def submit_masks(env, run_dir: Path, datasets: list[Path], *extra: str) -> subprocess.CompletedProcess:
     args = ["bash", str(ROOT / "bin" / "slurm_masks.sh"), "--shards", "3", "--run-dir", str(run_dir), "--wait"]
     for ds in datasets:
         args += ["--bids", str(ds)]
-    args += ["--", "--model", str(env["SACRUM_TEST_MODEL"]), "--fold", "0", "--checkpoint", "final", *extra]
+    args += ["--", *env["SACRUM_TEST_SETTINGS"].split("\n"), *extra]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=1500)
 
 
@@ -94,7 +102,7 @@ def array_run(slurm_cluster, demo_run, tmp_path_factory):  # noqa: F811
     bad = datasets[0] / CORRUPT
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"\x1f\x8b not really gzip")
-    env = dict(job_env(slurm_cluster, demo_run), SACRUM_TEST_MODEL=str(demo_run.model_dir))
+    env = dict(job_env(slurm_cluster, demo_run), SACRUM_TEST_SETTINGS="\n".join(demo_settings(demo_run)))
     start = time.monotonic()
     proc = submit_masks(env, top / "run1", datasets)
     took = time.monotonic() - start
@@ -152,7 +160,7 @@ def test_shards_1_of_2_and_1_of_3_together_never_write_one_image_twice(slurm_clu
     for shard in ("1/2", "1/3"):
         report = tmp_path / f"report-{shard.replace('/', '-of-')}.json"
         cmd = (f"cd {ROOT} && SACRUM_REPORT={report} exec bash bin/generate_sacrum.sh --bids {ds} --gpu cpu "
-               f"--model {demo_run.model_dir} --fold 0 --checkpoint final --wait --shard {shard}")
+               f"{shlex.join(demo_settings(demo_run))} --wait --shard {shard}")
         out = subprocess.run(["sbatch", "--parsable", "--cpus-per-task", "1", "-o", str(tmp_path / f"{shard[-1]}.log"),
                               "--wrap", cmd], env=env, capture_output=True, text=True, check=True)
         jobs.append((out.stdout.strip(), report))
@@ -201,3 +209,33 @@ def test_summary_counts_names_failures_and_missing_reports(tmp_path):
     assert summarise(tmp_path, 3, tasks)["exit_status"] == 0
     tasks[3] = {"JobState": "CANCELLED", "Reason": "None", "ExitCode": "0:15"}   # killed after its report
     assert summarise(tmp_path, 3, tasks)["failed_shards"] == ["3/3"]
+
+
+# ------------------------------------------------------------------------------ stage 3 as an array
+
+@pytest.mark.slow
+def test_slurm_train_runs_two_folds_as_an_array_and_exports_a_zip(slurm_cluster, demo_run, tmp_path):  # noqa: F811
+    """prepare job, folds 0 and 1 as array tasks (1 epoch of 2 iterations of the small CPU trainer), finish
+    job that evaluates and exports: a zip with both folds. Needs `sacrum-masks train --stage` (issue 10)."""
+    import zipfile
+
+    nn = tmp_path / "nnUNet"
+    for sub in ("raw", "preprocessed"):   # the demo's dataset, planned and preprocessed: prepare finds it up to date
+        shutil.copytree(demo_run.data / "nnUNet" / sub, nn / sub)
+    env = dict(job_env(slurm_cluster, demo_run), nnUNet_raw=str(nn / "raw"), nnUNet_preprocessed=str(nn / "preprocessed"),
+               nnUNet_results=str(nn / "results"), DNUM="300", TRAINER="nnUNetTrainer_SacrumCPU",
+               CONFIGURATION="3d_fullres_small", SACRUM_CPU_EPOCHS="1", SACRUM_CPU_ITERS="2", FOLDS="0 1",
+               TIME="00:30:00")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "bin" / "slurm_train.sh"), "--run-dir", str(tmp_path / "run"), "--wait"],
+                          env=env, capture_output=True, text=True, timeout=1500)
+    print(f"\nslurm-train, 2 folds x 1 epoch: {time.monotonic() - start:.1f} s")
+    logs = "".join(f"\n== {p.name}\n" + p.read_text()[-3000:] for p in sorted((tmp_path / "run" / "logs").glob("*.log")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert "folds array job" in proc.stdout and "squeue -j" in proc.stdout
+    zips = list((nn / "results").glob("Dataset300_*__nnUNetTrainer_SacrumCPU__nnUNetPlans__3d_fullres_small.zip"))
+    assert len(zips) == 1, logs
+    names = zipfile.ZipFile(zips[0]).namelist()
+    for fold in (0, 1):
+        assert any(n.endswith(f"fold_{fold}/checkpoint_final.pth") for n in names), names
+    assert "slurm-check-array: array job" in (tmp_path / "run" / "logs" / "finish.log").read_text()
