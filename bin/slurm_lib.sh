@@ -39,14 +39,16 @@ slurm_gpu_args() {
   if (( ${GPUS:-1} > 0 )); then gpu_args=(--gres "gpu:${GPUS:-1}"); fi
 }
 
-# slurm_submit ARGS...: sbatch ARGS, prints the job id (sbatch --parsable: "id[;cluster]")
+# slurm_submit COMMAND SBATCH_ARGS...: submit a bash batch script running COMMAND (sbatch --wrap would run
+# it with /bin/sh); prints the job id (sbatch --parsable: "id[;cluster]")
 slurm_submit() {
-  local out
-  out="$(sbatch "$@")" || { err "sbatch failed: sbatch $*"; return 1; }
+  local command="$1" out
+  shift
+  out="$(printf '#!/bin/bash\n%s\n' "${command}" | sbatch "$@")" || { err "sbatch failed: sbatch $*"; return 1; }
   echo "${out%%;*}"
 }
 
-# quote ARGS...: the arguments as one shell-quoted string (for sbatch --wrap); nothing for no arguments
+# quote ARGS...: the arguments as one shell-quoted string (for a batch script); nothing for no arguments
 quote() {
   local q
   if (( $# > 0 )); then

@@ -75,11 +75,13 @@ main() {
   task+=" && rm -f \"\${R}\" && SACRUM_REPORT=\"\${R}\" exec bash bin/generate_sacrum.sh --gpu ${device} --wait"
   task+=" --shard \${I}/${shards} $(quote "${gen[@]}")"
   local array summary
-  array="$(slurm_submit "${common[@]}" "${gpu[@]}" --job-name sacrum-masks --array "1-${shards}" \
-             --output "${run_dir}/logs/shard-%a.log" --wrap "${task}")"
-  summary="$(slurm_submit "${common[@]}" --job-name sacrum-masks-summary --dependency "afterany:${array}" \
-               --output "${run_dir}/logs/summary.log" \
-               --wrap "cd $(quote "${root}") && source env.sh && exec sacrum-masks slurm-summary $(quote "${run_dir}") --shards ${shards} --array-job ${array}")"
+  array="$(slurm_submit "${task}" "${common[@]}" "${gpu[@]}" --job-name sacrum-masks --array "1-${shards}" \
+             --output "${run_dir}/logs/shard-%a.log")"
+  local summarise
+  summarise="cd $(quote "${root}") && source env.sh && exec sacrum-masks slurm-summary $(quote "${run_dir}")"
+  summarise+=" --shards ${shards} --array-job ${array}"
+  summary="$(slurm_submit "${summarise}" "${common[@]}" --job-name sacrum-masks-summary \
+               --dependency "afterany:${array}" --output "${run_dir}/logs/summary.log")"
   echo "slurm_masks: array job ${array} (${shards} shards), summary job ${summary}"
   echo "  follow:  squeue -j ${array},${summary}     logs: ${run_dir}/logs/"
   echo "  summary: ${run_dir}/summary.txt (when job ${summary} ends; exit status 1 = a shard or an image failed)"

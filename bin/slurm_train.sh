@@ -78,16 +78,20 @@ main() {
   fold_list="${folds//,/ }"
   cd_root="cd $(quote "${root}")"
 
-  local prepare array finish
-  prepare="$(slurm_submit "${common[@]}" --job-name sacrum-train-prepare --output "${run_dir}/logs/prepare.log" \
-               --wrap "${cd_root} && TRAIN_STAGE=prepare GPU=cpu exec bash bin/train.sh")"
-  # GPU=0: the first GPU of the task's allocation (CUDA_VISIBLE_DEVICES is SLURM's)
-  array="$(slurm_submit "${common[@]}" "${gpu[@]}" --job-name sacrum-train-fold --array "${list}" \
-             --dependency "afterok:${prepare}" --output "${run_dir}/logs/fold-%a.log" \
-             --wrap "${cd_root} && F=\${SLURM_ARRAY_TASK_ID} && if [[ \${F} == 5 ]]; then F=all; fi && TRAIN_STAGE=fold FOLD=\${F} GPU=${device} exec bash bin/train.sh")"
-  finish="$(slurm_submit "${common[@]}" "${gpu[@]}" --job-name sacrum-train-finish --dependency "afterany:${array}" \
-              --output "${run_dir}/logs/finish.log" \
-              --wrap "${cd_root} && source env.sh && sacrum-masks slurm-check-array ${array} --expect ${list} --name 'fold {}' --log $(quote "${run_dir}")/logs/fold-{}.log && TRAIN_STAGE=finish FOLD=$(quote "${fold_list}") GPU=${device} exec bash bin/train.sh")"
+  local prepare array finish fold_task finish_task
+  prepare="$(slurm_submit "${cd_root} && TRAIN_STAGE=prepare GPU=cpu exec bash bin/train.sh" \
+               "${common[@]}" --job-name sacrum-train-prepare --output "${run_dir}/logs/prepare.log")"
+  # task id = fold (5 = all); GPU=0: the first GPU of the task's allocation (CUDA_VISIBLE_DEVICES is SLURM's)
+  fold_task="${cd_root} && F=\${SLURM_ARRAY_TASK_ID} && if [[ \${F} == 5 ]]; then F=all; fi"
+  fold_task+=" && TRAIN_STAGE=fold FOLD=\${F} GPU=${device} exec bash bin/train.sh"
+  array="$(slurm_submit "${fold_task}" "${common[@]}" "${gpu[@]}" --job-name sacrum-train-fold --array "${list}" \
+             --dependency "afterok:${prepare}" --output "${run_dir}/logs/fold-%a.log")"
+  # a fold that did not complete: named, and nothing is evaluated or exported
+  finish_task="${cd_root} && source env.sh && sacrum-masks slurm-check-array ${array} --expect ${list}"
+  finish_task+=" --name 'fold {}' --log $(quote "${run_dir}")/logs/fold-{}.log"
+  finish_task+=" && TRAIN_STAGE=finish FOLD=$(quote "${fold_list}") GPU=${device} exec bash bin/train.sh"
+  finish="$(slurm_submit "${finish_task}" "${common[@]}" "${gpu[@]}" --job-name sacrum-train-finish \
+              --dependency "afterany:${array}" --output "${run_dir}/logs/finish.log")"
   echo "slurm_train: prepare job ${prepare}, folds array job ${array} (folds ${fold_list}), finish job ${finish}"
   echo "  follow: squeue -j ${prepare},${array},${finish}     logs: ${run_dir}/logs/ (finish.log names a failed fold)"
   if (( wait )); then
