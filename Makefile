@@ -19,6 +19,7 @@ DATASET ?=
 SACRUM_IDX ?=
 TOTALSEG ?=
 FORCE   ?= 0
+TRAIN_STAGE ?= all
 SKIP_INVALID ?= 0
 PYTEST_ARGS ?=
 # SLURM (make slurm-masks / slurm-train); empty = the script's default (see bin/slurm_lib.sh)
@@ -33,7 +34,7 @@ ARGS      ?=
 SLURM_ENV = N='$(N)' PARTITION='$(PARTITION)' ACCOUNT='$(ACCOUNT)' TIME='$(TIME)' GPUS='$(GPUS)' CPUS='$(CPUS)'
 
 STAMP := $(VENV)/.sacrum-masks-installed
-export VENV PYTHON TORCH CT DNUM DNAME GPU FOLD TRAINER CONFIGURATION CONFIG FORCE SKIP_INVALID
+export VENV PYTHON TORCH CT DNUM DNAME GPU FOLD TRAINER CONFIGURATION CONFIG FORCE SKIP_INVALID TRAIN_STAGE
 
 .PHONY: help setup test demo register dataset train masks qc ct-labels bench clean-demo slurm-masks slurm-train
 
@@ -69,7 +70,7 @@ register: $(STAMP) ## stage 1: CT/MRI labels onto MRI grids (DATASET="dir ..." [
 dataset: $(STAMP) ## stage 2: nnU-Net raw dataset from CONFIG=split.json (DNUM, DNAME, FORCE=1)
 	bash bin/dataset.sh
 
-train: $(STAMP) ## stage 3: plan, preprocess, train, evaluate, export (DNUM=300 GPU=0|cpu FOLD=0|all)
+train: $(STAMP) ## stage 3: plan, preprocess, splits, train, evaluate, export (GPU=0|0,1|cpu FOLD=0|"0 1 2 3 4"|all TRAIN_STAGE=)
 	bash bin/train.sh
 
 masks: $(STAMP) ## stage 4: sacrum masks as BIDS derivatives (same as bash bin/generate_sacrum.sh)

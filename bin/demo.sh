@@ -56,8 +56,7 @@ main() {
   local -a bids_args=()
   local d
   for d in "${test_sets[@]}"; do bids_args+=(--bids "${d}"); done
-  bash "${root}/bin/generate_sacrum.sh" "${bids_args[@]}" --model "${model}" --fold 0 \
-    --checkpoint final --gpu cpu
+  bash "${root}/bin/generate_sacrum.sh" "${bids_args[@]}" --model "${model}" --gpu cpu
 
   step "Dice against the hidden truth"
   local table="${SACRUM_DATA}/demo_dice.csv" summary="${SACRUM_DATA}/demo_dice.txt"

@@ -27,7 +27,8 @@ Options (environment variable, default):
                          CONFIGURATION (3d_fullres); now ${default_model})
   --model-zip PATH|URL   installs the model when it is missing (MODEL_ZIP, the original release:
                          ${default_zip})
-  --fold N               fold 0-4 or all (FOLD, 0)
+  --fold F               fold 0-4, a list "0 1 2 3 4" (one ensemble: outputs averaged as
+                         nnUNetv2_predict -f does) or all (nnU-Net's fold_all) (FOLD, 0)
   --checkpoint NAME      best or final (CHECKPOINT, best)
   --gpu ID|cpu           CUDA device id or cpu (GPU, 0); when CUDA_VISIBLE_DEVICES is already
                          set (a SLURM allocation) it is kept and ID is an index into it

@@ -352,7 +352,7 @@ def test_batch_writes_then_nothing_then_force(tmp_path, capsys):
         assert side["VoxelCount"] == 5 * 7 * 5 and side["ComponentsRemoved"] == 1 and side["Empty"] is False
         assert side["VolumeML"] == pytest.approx(175 * 0.9 * 1.1 * 2.5 / 1000, abs=1e-4)
         gen = side["GeneratedBy"][0]
-        assert gen["Name"] == "sacrum-masks" and gen["Fold"] == 0 and gen["Checkpoint"] == "best"
+        assert gen["Name"] == "sacrum-masks" and gen["Fold"] == "0" and gen["Checkpoint"] == "best"
         assert {"Version", "Date", "Model", "nnunetv2", "torch", "CheckpointSHA256"} <= set(gen)
     desc = json.loads((ds / "derivatives" / "labels" / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "sacrum-masks"

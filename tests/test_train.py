@@ -27,7 +27,7 @@ from sacrum_masks.device import device_problem, parse_gpu
 from sacrum_masks.errors import InputError
 from sacrum_masks.plans import add_small_plans, small_configuration, with_small_configuration
 from sacrum_masks.train import (ProcessGroups, TrainStop, dataset_prefix, evaluation_up_to_date, find_dataset,
-                                fold_state, folds, newer, plans_up_to_date, raw_fingerprint, zip_up_to_date)
+                                fold_state, newer, plans_up_to_date, raw_fingerprint, zip_up_to_date)
 
 TRAIN = ROOT / "bin" / "train.sh"
 CPU = {"GPU": "cpu", "TRAINER": "nnUNetTrainer_SacrumCPU", "CONFIGURATION": "3d_fullres_small", "FOLD": "0"}
@@ -220,10 +220,15 @@ def test_interrupted_training_resumes(tmp_path):
 # ---------------------------------------------------------------- sacrum_masks.train: decisions and processes
 
 def test_folds_and_dataset_prefix():
-    assert folds("all") == (0, 1, 2, 3, 4) and folds("3") == (3,)
-    for bad in ("", "10", "0,1", "-1", "ALL"):
-        with pytest.raises(ValueError, match=f"^FOLD={bad}: expected a fold number"):
-            folds(bad)
+    from sacrum_masks.folds import parse_folds
+    from sacrum_masks.train import gpu_slots
+
+    # FOLD=all is nnU-Net's fold_all, not folds 0-4; a list is each fold (and one ensemble in stage 4)
+    assert parse_folds("all") == ("all",) and parse_folds("3") == (3,) and parse_folds("0 1") == (0, 1)
+    for bad in ("", "0-1", "-1", "ALL"):
+        with pytest.raises(ValueError, match="expected fold numbers"):
+            parse_folds(bad)
+    assert gpu_slots("0,1") == ["0", "1"] and gpu_slots("cpu,cpu") == ["cpu", "cpu"]
     assert dataset_prefix("7") == "Dataset007" and dataset_prefix("042") == "Dataset042"
     for bad in ("", "1000", "3a", "300\n"):
         with pytest.raises(ValueError, match="expected a dataset number from 1 to 999"):
@@ -284,8 +289,9 @@ def test_plans_and_outputs_up_to_date(tmp_path):
     model = tmp_path / "model"
     for f in (0, 2):
         (model / f"fold_{f}").mkdir(parents=True)
-        (model / f"fold_{f}" / "checkpoint_final.pth").write_bytes(b"")
-        os.utime(model / f"fold_{f}" / "checkpoint_final.pth", ns=(10**18, 10**18 + f))
+        for ckpt in ("final", "best"):   # the zip carries both
+            (model / f"fold_{f}" / f"checkpoint_{ckpt}.pth").write_bytes(b"")
+            os.utime(model / f"fold_{f}" / f"checkpoint_{ckpt}.pth", ns=(10**18, 10**18 + f))
     zip_path = tmp_path / "model.zip"
     assert not zip_up_to_date(model, zip_path)
     zip_path.write_bytes(b"")

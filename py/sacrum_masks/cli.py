@@ -25,6 +25,7 @@ COMMANDS = {
     "convert": "sacrum_masks.convert:convert_command",
     "add-plans": "sacrum_masks.plans:add_plans_command",
     "evaluate": "sacrum_masks.evaluate:evaluate_command",
+    "evaluate-model": "sacrum_masks.model_eval:evaluate_model_command",
     "check-device": "sacrum_masks.device:check_device_command",
     "install-model": "sacrum_masks.model_zip:install_model_command",
     "predict": "sacrum_masks.predict:predict_command",

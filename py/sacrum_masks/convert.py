@@ -5,7 +5,8 @@
     imagesTr/<name>-sub-<label>_<NNN>_0000.nii.gz   labelsTr/<name>-sub-<label>_<NNN>.nii.gz   (TRAINING + VALIDATION)
     imagesTs/...                                    labelsTs/...                                (TESTING)
     dataset.json        nnunetv2 generate_dataset_json: background 0, sacrum 1, .nii.gz, numTraining
-    conversion.json     case id -> source image and label (relative to DATASETS_PATH, sha256), the inputs
+    conversion.json     case id -> source image and label (relative to DATASETS_PATH, sha256), the inputs,
+                        the config's SEED (stage 3 draws its grouped folds with it, sacrum_masks.splits)
     conversion_invalid.txt   only with --skip-invalid and invalid pairs: one line per pair
 
 As in the original ``convert_config_to_nnunet.py``: case ids are ``<name>-sub-<label>_<NNN>``
@@ -340,6 +341,7 @@ def _write_records(tmp: Path, name: str, config: dict, result: ConvertResult, fi
         "DatasetsPath": str(config["DATASETS_PATH"]),
         "Orientation": "RPI (nibabel " + ",".join(RPI_AXCODES) + ")",
         "SkipInvalid": bool(skip_invalid),
+        "Seed": int(config.get("SEED", 0)),   # seeds the grouped folds 1-4 of splits_final.json (stage 3)
         "Cases": cases,
         "Invalid": result.invalid,
         "Inputs": fingerprint,

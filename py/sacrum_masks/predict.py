@@ -227,16 +227,19 @@ def _version(package: str) -> str:
 
 
 def checkpoint_file(model_dir: str | Path, fold: str, checkpoint: str) -> Path:
-    """``<model>/fold_<F>/checkpoint_<best|final>.pth``, or InputError naming what is missing."""
-    model_dir = Path(model_dir)
-    for name in ("dataset.json", "plans.json"):
-        if not (model_dir / name).is_file():
-            raise InputError(model_dir, f"not an nnU-Net model folder (no {name})")
-    path = model_dir / f"fold_{fold}" / f"checkpoint_{checkpoint}.pth"
-    if not path.is_file():
-        have = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.glob("fold_*/checkpoint_*.pth"))
-        raise InputError(path, "no such checkpoint" + (f" (found: {', '.join(have)})" if have else ""))
-    return path
+    """``<model>/fold_<F>/checkpoint_<best|final>.pth`` of one fold, or one InputError naming the folds there."""
+    return checkpoint_files(model_dir, fold, checkpoint)[0]
+
+
+def checkpoint_files(model_dir: str | Path, folds, checkpoint: str) -> list[Path]:
+    """The checkpoint of each fold of ``folds`` (a ``FOLD`` value: ``0``, ``"0 1 2"``, ``all``), or one
+    InputError ``fold 3 not there (folds with checkpoint_best.pth: 0 1)``."""
+    from .folds import check_folds, parse_folds
+
+    try:
+        return check_folds(model_dir, parse_folds(folds), checkpoint)
+    except ValueError as exc:
+        raise InputError("--fold", str(exc)) from None
 
 
 #: The keys of :func:`model_identity` that decide whether a mask is up to date ("Model", the folder's
@@ -245,14 +248,18 @@ IDENTITY_KEYS = ("Fold", "Checkpoint", "CheckpointSHA256")
 
 
 def model_identity(model_dir: str | Path, fold: str, checkpoint: str) -> dict:
-    """The model as the sidecar records it: folder ("Model"), fold, checkpoint and its SHA-256.
+    """The model as the sidecar records it: folder ("Model"), folds (``format_folds``: ``"0"``, ``"0 1 2"``,
+    ``"all"``), checkpoint and each fold's checkpoint SHA-256 (``{"0": ..., "1": ...}``).
 
     Only :data:`IDENTITY_KEYS` decide whether a mask is up to date (:func:`plan_status`).
     """
+    from .folds import format_folds, parse_folds
+
     model_dir = Path(os.path.abspath(model_dir))
-    ckpt = checkpoint_file(model_dir, fold, checkpoint)
-    return {"Model": str(model_dir), "Fold": int(fold) if str(fold).isdigit() else str(fold),
-            "Checkpoint": checkpoint, "CheckpointSHA256": sha256_file(ckpt)}
+    ckpts = checkpoint_files(model_dir, fold, checkpoint)
+    folds = parse_folds(fold)
+    return {"Model": str(model_dir), "Fold": format_folds(folds), "Checkpoint": checkpoint,
+            "CheckpointSHA256": {str(f): sha256_file(c) for f, c in zip(folds, ckpts)}}
 
 
 def is_ours(sidecar: dict | None) -> bool:
@@ -369,17 +376,23 @@ def segment_image(predict_fn: PredictFn, img, data: np.ndarray, connectivity: in
 class NnunetModel:
     """An nnU-Net model loaded once; :meth:`predict` is a :data:`PredictFn`."""
 
-    def __init__(self, model_dir: str | Path, fold: str, checkpoint: str, device: str = "cpu",
+    def __init__(self, model_dir: str | Path, fold, checkpoint: str, device: str = "cpu",
                  tile_step: float = 0.5, mirroring: bool = False):
+        """``fold``: a ``FOLD`` value (``0``, ``"0 1 2"``, ``"all"``); several folds are one ensemble whose
+        outputs are averaged as ``nnUNetv2_predict -f 0 1 2`` does (nnU-Net's own predictor, ``use_folds``)."""
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        from .folds import parse_folds
+
+        checkpoint_files(model_dir, fold, checkpoint)   # one line naming the folds that are there
+        self.folds = parse_folds(fold)
 
         dev = torch.device(device)
         self.predictor = nnUNetPredictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
                                          perform_everything_on_device=dev.type == "cuda", device=dev,
                                          verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        fold_arg = fold if fold == "all" else int(fold)
-        self.predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(fold_arg,),
+        self.predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=self.folds,
                                                             checkpoint_name=f"checkpoint_{checkpoint}.pth")
         reader = self.predictor.plans_manager.plans.get("image_reader_writer", "SimpleITKIO")
         if reader not in PLAIN_READERS:
@@ -570,7 +583,9 @@ def _device_option(ctx, param, value):
               help="A BIDS dataset: every MRI image of sub-*/[ses-*/]anat (repeatable).")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="nnU-Net model folder (<nnUNet_results>/<Dataset>/<Trainer__Plans__Configuration>).")
-@click.option("--fold", default="0", show_default=True, help="Fold 0-4 or 'all'.")
+@click.option("--fold", default="0", show_default=True,
+              help="Fold 0-4, a list (\"0 1 2 3 4\": one ensemble, outputs averaged as nnUNetv2_predict -f does) "
+                   "or all (nnU-Net's fold_all).")
 @click.option("--checkpoint", type=click.Choice(["best", "final"]), default="best", show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=_device_option,
               help="cpu, cuda (the first visible GPU) or cuda:N (visible GPU N, e.g. of a SLURM allocation); "
@@ -593,8 +608,12 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, fold, checkpoin
     """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets."""
     if config is None and not bids_dirs:
         raise click.UsageError("give --config FILE and/or --bids DIR")
-    if fold != "all" and not fold.isdigit():
-        raise click.BadParameter(f"{fold!r}: expected a fold number or 'all'", param_hint="--fold")
+    from .folds import format_folds, parse_folds
+
+    try:
+        fold = format_folds(parse_folds(fold))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fold") from None
     items = items_from_config(config, datasets_path) if config is not None else []
     for d in bids_dirs:
         items += items_from_bids(d)

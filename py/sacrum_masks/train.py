@@ -1,24 +1,38 @@
-"""``sacrum-masks train`` (stage 3, ``make train`` / bin/train.sh): plan, preprocess, train, evaluate, export.
+"""``sacrum-masks train`` (stage 3, ``make train`` / bin/train.sh): plan, preprocess, split, train, evaluate, export.
 
 For the dataset ``$nnUNet_raw/Dataset<DNUM>_<name>`` (built by bin/dataset.sh from ``--config`` when
-absent) and the model folder ``M = $nnUNet_results/Dataset<DNUM>_<name>/<TRAINER>__nnUNetPlans__<CONFIGURATION>``:
+absent) and the model folder ``M = $nnUNet_results/Dataset<DNUM>_<name>/<TRAINER>__nnUNetPlans__<CONFIGURATION>``,
+in stages (``--stage``, env ``TRAIN_STAGE``; ``all`` runs the three; bin/slurm_train.sh calls them one by one):
 
-1. the device is checked first (``sacrum-masks check-device``, in a child process so that no CUDA
-   context stays in this one), before anything is written;
-2. ``nnUNetv2_plan_and_preprocess`` runs unless the stamp ``.sacrum-raw-fingerprint-<config>`` in the
-   preprocessed folder holds the raw dataset's :func:`raw_fingerprint` (a changed raw dataset also
-   drops its old ``splits_final.json``); ``3d_fullres_small`` is planned as ``3d_fullres`` and added by
-   ``sacrum-masks add-plans``;
-3. each fold is trained (:func:`fold_state`: kept when finished, resumed with ``--c`` from
-   ``checkpoint_latest.pth``, or trained from scratch), ``imagesTs`` is predicted into a temporary folder
-   renamed when complete and evaluated against ``labelsTs`` (``M/evaluation_fold<F>.csv`` and ``.txt``);
-4. all finished folds are exported to ``$nnUNet_results/<dataset>__<TRAINER>__nnUNetPlans__<CONFIGURATION>.zip``.
+``prepare``
+    ``nnUNetv2_plan_and_preprocess`` unless the stamp ``.sacrum-raw-fingerprint-<config>`` in the
+    preprocessed folder holds the raw dataset's :func:`raw_fingerprint` (``3d_fullres_small`` is planned as
+    ``3d_fullres`` and added by ``sacrum-masks add-plans``), then ``splits_final.json`` from the config
+    (:mod:`sacrum_masks.splits`: fold 0 = TRAINING/VALIDATION, folds 1-4 grouped by person). Under the
+    dataset lock ``$nnUNet_results/.Dataset<DNUM>.train.lock``: exclusive when something has to change;
+    when folds are training (they hold it shared) only an up-to-date preparation goes on.
+``fold``
+    each fold of ``--fold`` (:mod:`sacrum_masks.folds`: ``0``..``4``, a list, ``all`` = ``fold_all``) under
+    its own lock ``$nnUNet_results/.Dataset<DNUM>.<model>.fold_<F>.lock`` (dataset lock shared), so
+    ``FOLD=1 GPU=1`` trains beside ``FOLD=0 GPU=0``. A fold is kept when finished, resumed with ``--c``
+    from ``checkpoint_latest.pth``, or trained from scratch (:func:`fold_state`); afterwards the cases
+    nnU-Net validated are compared with the fold's ``val`` list. ``--gpu 0,1`` (or ``cpu,cpu``) runs the
+    folds side by side, one child ``--stage fold`` per entry at a time (log ``M/train_fold_<F>.log``); a
+    failed fold is named, the others finish, the exit status is 1.
+``finish``
+    once every fold of ``--fold`` has ``checkpoint_final.pth`` and ``checkpoint_best.pth``: the test
+    split is segmented from its original images through stage 4's code path and defaults
+    (``sacrum-masks evaluate-model``, :mod:`sacrum_masks.model_eval`; the folds as one ensemble) into
+    ``M/evaluation_fold<F>[-<F>...].csv`` / ``.txt``; then every finished fold is exported, with both
+    checkpoints, to ``$nnUNet_results/<dataset>__<TRAINER>__nnUNetPlans__<CONFIGURATION>.zip``.
 
+The device of every ``--gpu`` entry is checked first (``sacrum-masks check-device``, in a child process so
+that no CUDA context stays in this one), before anything is written. nnU-Net's worker counts
+(``nnUNet_def_n_proc``, ``nnUNet_n_proc_DA``) default to the CPU count shared by the folds running at once.
 Every nnU-Net command runs in its own process group (its data-augmentation workers included); on
-SIGINT or SIGTERM the group is terminated (SIGTERM, then SIGKILL 2 s later) and the command exits
-128 + signal number (130, 143). One training per dataset number at a time: ``flock`` on
-``$nnUNet_results/.Dataset<DNUM>.train.lock``, inherited by the nnU-Net commands, so that orphaned
-workers of a killed run still hold it.
+SIGINT or SIGTERM the groups are terminated (SIGTERM, then SIGKILL 2 s later) and the command exits
+128 + signal number (130, 143). The lock files are inherited by the nnU-Net commands, so that orphaned
+workers of a killed run still hold them.
 """
 
 from __future__ import annotations
@@ -41,8 +55,6 @@ import click
 from .errors import EXIT_BUSY
 
 
-#: folds of ``FOLD=all``
-ALL_FOLDS = (0, 1, 2, 3, 4)
 #: configurations that reuse the preprocessed data (and plans) of another one
 PREPROCESSED_AS = {"3d_fullres_small": "3d_fullres"}
 #: bin/dataset.sh (stage 2), next to this package in the checkout
@@ -72,27 +84,6 @@ def dataset_prefix(dnum: str) -> str:
     if not re.fullmatch(r"[0-9]{1,3}", dnum):
         raise ValueError(f"DNUM={dnum}: expected a dataset number from 1 to 999")
     return f"Dataset{int(dnum):03d}"
-
-
-def folds(fold: str) -> tuple[int, ...]:
-    """The folds to train for ``FOLD``: ``all`` is folds 0 to 4 in order, a single digit is that fold.
-
-    >>> folds("all"), folds("2")
-    ((0, 1, 2, 3, 4), (2,))
-    >>> folds("7")
-    Traceback (most recent call last):
-    ...
-    ValueError: FOLD=7: expected a fold number (0 to 4) or all
-    >>> folds("0,1")
-    Traceback (most recent call last):
-    ...
-    ValueError: FOLD=0,1: expected a fold number (0 to 4) or all
-    """
-    if fold == "all":
-        return ALL_FOLDS
-    if len(fold) == 1 and fold in "01234":
-        return (int(fold),)
-    raise ValueError(f"FOLD={fold}: expected a fold number (0 to 4) or all")
 
 
 def raw_fingerprint(raw_dir: str | Path) -> str:
@@ -194,15 +185,22 @@ def evaluation_up_to_date(table: Path, checkpoint: Path, predictions: Path) -> b
     return table.is_file() and newer(table, checkpoint) and predictions.is_dir()
 
 
-def finished_folds(model: Path) -> list[int]:
-    """Folds 0 to 4 of a model folder that have ``checkpoint_final.pth``."""
-    return [f for f in ALL_FOLDS if (model / f"fold_{f}" / "checkpoint_final.pth").is_file()]
+def finished_folds(model: Path) -> list:
+    """Folds of a model folder (``0`` .. ``4``, ``all``) that have both ``checkpoint_final.pth`` and
+    ``checkpoint_best.pth`` (what the export zip carries and stage 4 loads by default)."""
+    from .folds import available_folds
+
+    best = set(available_folds(model, "best"))
+    return [f for f in available_folds(model, "final") if f in best]
 
 
 def zip_up_to_date(model: Path, zip_path: Path) -> bool:
-    """True when ``zip_path`` exists and no finished fold's checkpoint is newer than it."""
+    """True when ``zip_path`` exists and no finished fold's checkpoint (final or best) is newer than it."""
+    from .folds import fold_dir
+
     return zip_path.is_file() and not any(
-        newer(model / f"fold_{f}" / "checkpoint_final.pth", zip_path) for f in finished_folds(model))
+        newer(fold_dir(model, f) / f"checkpoint_{c}.pth", zip_path) for f in finished_folds(model)
+        for c in ("final", "best"))
 
 
 def _remove(path: Path) -> None:
@@ -224,16 +222,21 @@ def _err(message: str) -> None:
 
 
 class ProcessGroups:
-    """Runs commands one at a time, each in its own session (process group), and kills it on a signal.
+    """Runs commands, each in its own session (process group), and kills them all on a signal.
 
-    :meth:`install` makes SIGINT and SIGTERM terminate the running group (SIGTERM, then SIGKILL after
+    :meth:`install` makes SIGINT and SIGTERM terminate the running groups (SIGTERM, then SIGKILL after
     ``grace`` seconds), print ``train: interrupted by SIG<NAME>; ...`` and exit 128 + signal number.
+    :meth:`run` runs one command and waits; :meth:`start` starts one and returns it (folds side by side).
     """
 
     def __init__(self, pass_fds: tuple[int, ...] = (), grace: float = 2.0):
         self.pass_fds = pass_fds
         self.grace = grace
-        self.child: subprocess.Popen | None = None
+        self.children: list[subprocess.Popen] = []
+
+    @property
+    def child(self) -> subprocess.Popen | None:
+        return self.children[-1] if self.children else None
 
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_signal)
@@ -242,30 +245,42 @@ class ProcessGroups:
     def _on_signal(self, signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)   # a second signal ends this process at once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        child = self.child
-        if child is not None:
-            for sig, pause in ((signal.SIGTERM, self.grace), (signal.SIGKILL, 0)):
+        children = list(self.children)
+        for sig, pause in ((signal.SIGTERM, self.grace), (signal.SIGKILL, 0)):
+            for child in children:
                 try:
                     os.killpg(child.pid, sig)
                 except ProcessLookupError:
                     pass
+            if children:
                 time.sleep(pause)
-            # no child.wait() here: the interrupted Popen.wait() holds its lock; init reaps the child
+        # no child.wait() here: an interrupted Popen.wait() holds its lock; init reaps the children
         _err(f"interrupted by {signal.Signals(signum).name}; run the same command again to resume")
         sys.exit(128 + signum)
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None, stdout=None) -> subprocess.Popen:
+        """Start ``argv`` in a new session (output to ``stdout``, default inherited); it is killed on a signal."""
+        child = subprocess.Popen(argv, env=env, start_new_session=True, pass_fds=self.pass_fds,
+                                 stdout=stdout, stderr=subprocess.STDOUT if stdout is not None else None)
+        self.children.append(child)
+        return child
+
+    def finished(self, child: subprocess.Popen) -> int:
+        """Forget a child that has ended; its status (128 + signal number when a signal ended it)."""
+        rc = child.wait()
+        if child in self.children:
+            self.children.remove(child)
+        return 128 - rc if rc < 0 else rc
 
     def run(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         """Run ``argv`` in a new session and wait; raise :class:`TrainStop` with its status when it fails.
 
         The status is the command's exit status, or 128 + signal number when a signal ended it.
         """
-        self.child = subprocess.Popen(argv, env=env, start_new_session=True, pass_fds=self.pass_fds)
-        try:
-            rc = self.child.wait()
-        finally:
-            self.child = None
+        child = self.start(argv, env)
+        rc = self.finished(child)
         if rc:
-            raise TrainStop("", 128 - rc if rc < 0 else rc)
+            raise TrainStop("", rc)
 
 
 def _with_device(env: dict[str, str], device: str, gpu: str) -> dict[str, str]:
@@ -311,94 +326,310 @@ def _nnunet_dir(var: str) -> Path:
     return Path(value)
 
 
+# ---------------------------------------------------------------- locks
+
+def _open_lock(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+
+
+def _try_lock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def gpu_slots(gpu: str) -> list[str]:
+    """The devices folds run on side by side: ``"0,1"`` -> ``["0", "1"]``; ``"cpu"`` -> ``["cpu"]``;
+    ``"cpu,cpu"`` -> two folds side by side on the CPU.
+
+    >>> gpu_slots("0,1"), gpu_slots("cpu"), gpu_slots(" cpu , cpu "), gpu_slots("1")
+    (['0', '1'], ['cpu'], ['cpu', 'cpu'], ['1'])
+    >>> gpu_slots("0,,1")
+    Traceback (most recent call last):
+    ...
+    ValueError: GPU=0,,1: expected cpu, a CUDA device id, or a list of them (0,1 or cpu,cpu)
+    """
+    parts = [p.strip().lower() for p in gpu.split(",")]
+    if not parts or any(not (p == "cpu" or p.isdigit()) for p in parts):
+        raise ValueError(f"GPU={gpu}: expected cpu, a CUDA device id, or a list of them (0,1 or cpu,cpu)")
+    return parts
+
+
+def worker_counts(n_parallel: int, cpus: int | None = None) -> dict[str, str]:
+    """``nnUNet_def_n_proc`` and ``nnUNet_n_proc_DA`` for ``n_parallel`` nnU-Net runs sharing ``cpus`` cores.
+
+    nnU-Net's defaults (8 export and preprocessing workers, 12 augmentation workers) are sized for a
+    GPU server; on a 2-core machine they only add contention. Each run gets its share of the cores
+    (at least 1). Values already in the environment win (see :func:`nnunet_env`).
+
+    >>> worker_counts(1, 2), worker_counts(2, 16)
+    ({'nnUNet_def_n_proc': '2', 'nnUNet_n_proc_DA': '2'}, {'nnUNet_def_n_proc': '8', 'nnUNet_n_proc_DA': '8'})
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = str(max(1, cpus // max(1, n_parallel)))
+    return {"nnUNet_def_n_proc": share, "nnUNet_n_proc_DA": share}
+
+
+def nnunet_env(env: dict[str, str], n_parallel: int = 1) -> dict[str, str]:
+    """``env`` (a copy) with nnU-Net's worker counts set from the CPU count, unless already set."""
+    return {**worker_counts(n_parallel), **env}
+
+
 # ---------------------------------------------------------------- the stages
 
-def train(dnum: str, gpu: str, fold: str, config: str | None, trainer: str, configuration: str,
-          force: bool) -> None:
-    """Stage 3 for dataset ``dnum`` (see the module docstring); raises :class:`TrainStop` to stop."""
-    try:
-        prefix = dataset_prefix(dnum)
-        fold_list = folds(fold)
-    except ValueError as exc:
-        raise TrainStop(str(exc), 2) from None
-    raw_root, pp_root, results = (_nnunet_dir(v) for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
-    groups = ProcessGroups()
-    groups.install()
-    device = check_device_in_child(gpu)
-    if device == "cpu" and trainer == "nnUNetTrainer_SacrumCPU":
-        _err(f"warning: training on the CPU (GPU=cpu): minutes with the small {trainer} on small images, "
-             f"far longer on real ones")
-    elif device == "cpu":
-        _err(f"warning: training {trainer} on the CPU (GPU=cpu) is very slow (days for a full nnU-Net "
-             f"training); give a GPU id")
+STAGES = ("prepare", "fold", "finish", "all")
 
-    # 1. raw dataset (stage 2 when absent and a config is given)
-    dname = find_dataset(raw_root, prefix)
-    if dname is None:
-        if not config:
-            raise TrainStop(f"no {prefix}_* in {raw_root}: give CONFIG=<split.json> to build it (stage 2), "
-                            f"or run make dataset first")
-        _say(f"no {prefix}_* in {raw_root}: building it from {config} (stage 2)")
-        stage2_env = {**os.environ, "DNUM": dnum, "CONFIG": config, "FORCE": "1" if force else "0"}
-        groups.run(["bash", str(DATASET_SH)], env=stage2_env)
-        dname = find_dataset(raw_root, prefix)
+
+class Run:
+    """What every stage of one ``sacrum-masks train`` call needs (paths, names, the fold list, locks)."""
+
+    def __init__(self, dnum: str, gpu: str, fold: str, config: str | None, trainer: str, configuration: str,
+                 force: bool):
+        from .folds import parse_folds
+
+        try:
+            self.prefix = dataset_prefix(dnum)
+            self.folds = parse_folds(fold)
+            self.slots = gpu_slots(gpu)
+        except ValueError as exc:
+            raise TrainStop(str(exc), 2) from None
+        bad = [f for f in self.folds if f != "all" and f > 4]
+        if bad:
+            raise TrainStop(f"FOLD={fold}: expected fold numbers 0 to 4 or all", 2)
+        self.dnum, self.gpu, self.config, self.trainer = dnum, gpu, config, trainer
+        self.configuration, self.force = configuration, force
+        self.raw_root, self.pp_root, self.results = (_nnunet_dir(v) for v in
+                                                     ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
+        self.groups = ProcessGroups()
+        self.groups.install()
+        self.devices: dict[str, str] = {}
+        self.dname: str | None = None
+        self.lock_fd: int | None = None
+
+    # names
+    @property
+    def model_name(self) -> str:
+        return f"{self.trainer}__nnUNetPlans__{self.configuration}"
+
+    @property
+    def model(self) -> Path:
+        return self.results / self.dname / self.model_name
+
+    @property
+    def lock_path(self) -> Path:
+        return self.results / f".{self.prefix}.train.lock"
+
+    def fold_lock_path(self, fold) -> Path:
+        return self.results / f".{self.prefix}.{self.model_name}.fold_{fold}.lock"
+
+    def device(self, slot: str) -> str:
+        """nnU-Net's ``-device`` for a slot, checked once (in a child process)."""
+        if slot not in self.devices:
+            self.devices[slot] = check_device_in_child(slot)
+            if self.devices[slot] == "cpu" and self.trainer == "nnUNetTrainer_SacrumCPU":
+                _err(f"warning: training on the CPU (GPU=cpu): minutes with the small {self.trainer} on small "
+                     f"images, far longer on real ones")
+            elif self.devices[slot] == "cpu":
+                _err(f"warning: training {self.trainer} on the CPU (GPU=cpu) is very slow (days for a full "
+                     f"nnU-Net training); give a GPU id")
+        return self.devices[slot]
+
+    def find(self) -> None:
+        """The raw dataset's name (stage 2 builds it when absent and a config is given); number conflicts."""
+        dname = find_dataset(self.raw_root, self.prefix)
         if dname is None:
-            raise TrainStop(f"stage 2 did not create {prefix}_* in {raw_root}")
-    for other in (pp_root, results):
-        there = find_dataset(other, prefix)
-        if there is not None and there != dname:
-            raise TrainStop(f"{other}/{there} has the number of {raw_root}/{dname}; nnU-Net refuses to run: "
-                            f"remove or renumber one")
-    pp_root.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
-    lock = results / f".{prefix}.train.lock"
-    lock_fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise TrainStop(f"another training of {dname} is running (lock {lock})", EXIT_BUSY) from None
-    groups.pass_fds = (lock_fd,)   # nnU-Net's processes hold the lock too (orphans of a killed run)
+            if not self.config:
+                raise TrainStop(f"no {self.prefix}_* in {self.raw_root}: give CONFIG=<split.json> to build it "
+                                f"(stage 2), or run make dataset first")
+            _say(f"no {self.prefix}_* in {self.raw_root}: building it from {self.config} (stage 2)")
+            stage2_env = {**os.environ, "DNUM": self.dnum, "CONFIG": self.config, "FORCE": "1" if self.force else "0"}
+            self.groups.run(["bash", str(DATASET_SH)], env=stage2_env)
+            dname = find_dataset(self.raw_root, self.prefix)
+            if dname is None:
+                raise TrainStop(f"stage 2 did not create {self.prefix}_* in {self.raw_root}")
+        for other in (self.pp_root, self.results):
+            there = find_dataset(other, self.prefix)
+            if there is not None and there != dname:
+                raise TrainStop(f"{other}/{there} has the number of {self.raw_root}/{dname}; nnU-Net refuses to "
+                                f"run: remove or renumber one")
+        self.dname = dname
+        self.pp_root.mkdir(parents=True, exist_ok=True)
+        self.results.mkdir(parents=True, exist_ok=True)
 
-    # 2. plan and preprocess, unless the preprocessed data matches the raw dataset
-    pp_config = PREPROCESSED_AS.get(configuration, configuration)
-    pp_dir = pp_root / dname
+    def lock_shared(self) -> None:
+        """The dataset lock, shared (folds and finish run beside each other, not beside a re-planning)."""
+        if self.lock_fd is None:
+            self.lock_fd = _open_lock(self.lock_path)
+            if not _try_lock(self.lock_fd, fcntl.LOCK_SH):
+                raise TrainStop(f"another training of {self.dname} is running (lock {self.lock_path})", EXIT_BUSY)
+            self.groups.pass_fds = (self.lock_fd,)   # nnU-Net's processes hold it too (orphans of a killed run)
+
+    @property
+    def fingerprint(self) -> str:
+        return raw_fingerprint(self.raw_root / self.dname)
+
+
+def prepare(run: Run) -> None:
+    """Plan, preprocess and write ``splits_final.json`` under the dataset lock.
+
+    The lock is taken exclusively; when folds of the dataset are training (they hold it shared), the
+    preparation goes on only if nothing has to change, so ``make train FOLD=1`` starts beside a running
+    ``FOLD=0``. It is left shared for the stages that follow in the same process.
+    """
+    from .splits import SplitError, ensure_splits
+
+    run.find()
+    dname, pp_dir = run.dname, run.pp_root / run.dname
+    fd = _open_lock(run.lock_path)
+    exclusive = _try_lock(fd, fcntl.LOCK_EX)
+    if not exclusive and not _try_lock(fd, fcntl.LOCK_SH):
+        os.close(fd)
+        raise TrainStop(f"another training of {dname} is running (lock {run.lock_path})", EXIT_BUSY)
+    run.lock_fd = fd
+    run.groups.pass_fds = (fd,)
+    pp_config = PREPROCESSED_AS.get(run.configuration, run.configuration)
     stamp = pp_dir / f".sacrum-raw-fingerprint-{pp_config}"
-    fingerprint = raw_fingerprint(raw_root / dname)
-    if plans_up_to_date(pp_dir, pp_config, fingerprint, force):
+    fingerprint = run.fingerprint
+    if plans_up_to_date(pp_dir, pp_config, fingerprint, run.force):
         _say(f"up to date: plan and preprocess {dname} {pp_config}")
     else:
-        if stamp.is_file() and not _stamp_holds(stamp, fingerprint) and (pp_dir / "splits_final.json").is_file():
-            _say(f"{raw_root / dname} changed: its old cross-validation splits (splits_final.json) are removed")
-            (pp_dir / "splits_final.json").unlink()
+        if not exclusive:
+            raise TrainStop(f"folds of {dname} are training (lock {run.lock_path}); planning and preprocessing "
+                            f"again has to wait until they end", EXIT_BUSY)
         stamp.unlink(missing_ok=True)
         _say(f"plan and preprocess {dname} {pp_config}")
         # nnUNet_n_proc_DA=0 (augment in the main process) breaks planning: it is for training only
-        plan_env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
-        groups.run(["nnUNetv2_plan_and_preprocess", "-d", dnum, "-c", pp_config, "--verify_dataset_integrity"],
-                   env=plan_env)
+        plan_env = {k: v for k, v in nnunet_env(dict(os.environ)).items() if k != "nnUNet_n_proc_DA"}
+        run.groups.run(["nnUNetv2_plan_and_preprocess", "-d", run.dnum, "-c", pp_config,
+                        "--verify_dataset_integrity", "-np", plan_env["nnUNet_def_n_proc"],
+                        "-npfp", plan_env["nnUNet_def_n_proc"]], env=plan_env)
         stamp.write_text(fingerprint + "\n", encoding="utf-8")
-    if configuration == "3d_fullres_small":
+    if run.configuration == "3d_fullres_small":
         from .plans import add_plans_command
 
-        _invoke(add_plans_command, [str(pp_dir / "nnUNetPlans.json"), "--name", configuration])
-
-    # 3-5. train each fold, predict imagesTs and evaluate; then export
-    model = results / dname / f"{trainer}__nnUNetPlans__{configuration}"
-    env = _with_device(dict(os.environ), device, gpu)
-    for f in fold_list:
-        train_fold(groups, env, dnum, configuration, f, trainer, device, model, fingerprint, force)
-        evaluate_fold(groups, env, raw_root / dname, dname, configuration, f, trainer, device, model)
-    export_model(groups, dnum, dname, configuration, trainer, model, results)
+        _invoke(add_plans_command, [str(pp_dir / "nnUNetPlans.json"), "--name", run.configuration])
+    try:
+        ensure_splits(run.raw_root / dname, pp_dir, run.folds, force=run.force, say=_say)
+    except SplitError as exc:
+        raise TrainStop(str(exc), 2) from None
+    if exclusive:
+        fcntl.flock(fd, fcntl.LOCK_SH)
 
 
-def train_fold(groups: ProcessGroups, env: dict[str, str], dnum: str, configuration: str, fold: int,
-               trainer: str, device: str, model: Path, fingerprint: str, force: bool) -> None:
-    """Train (or resume, or keep) one fold; :class:`TrainStop` when no ``checkpoint_final.pth`` results."""
-    fold_dir = model / f"fold_{fold}"
+def train_folds(run: Run) -> list:
+    """Train the folds of ``run``, one per slot at a time; the folds that failed (named on stderr)."""
+    if run.dname is None:
+        run.find()
+    run.lock_shared()
+    for slot in dict.fromkeys(run.slots):
+        run.device(slot)
+    if len(run.slots) == 1 or len(run.folds) == 1:
+        failed = []
+        for f in run.folds:
+            try:
+                train_one(run, f, run.slots[0])
+            except TrainStop as stop:
+                if str(stop):
+                    _err(str(stop))
+                _err(f"fold {f} failed (status {stop.code})")
+                if stop.code == EXIT_BUSY and len(run.folds) == 1:
+                    raise TrainStop("", EXIT_BUSY) from None
+                failed.append(f)
+        return failed
+    return _schedule(run)
+
+
+def _schedule(run: Run) -> list:
+    """Folds side by side, one child ``sacrum-masks train --stage fold`` per slot; logs in the model folder."""
+    from .folds import format_folds
+
+    run.model.mkdir(parents=True, exist_ok=True)
+    queue, running, failed = list(run.folds), {}, []
+    free = list(run.slots)
+    env = nnunet_env(dict(os.environ), len(run.slots))
+    code = "from sacrum_masks.cli import main; main(prog_name='sacrum-masks')"
+    while queue or running:
+        while queue and free:
+            f, slot = queue.pop(0), free.pop(0)
+            log = run.model / f"train_fold_{f}.log"
+            argv = [sys.executable, "-c", code, "train", "--stage", "fold", "--dnum", run.dnum, "--gpu", slot,
+                    "--fold", str(f), "--trainer", run.trainer, "--configuration", run.configuration]
+            if run.force:
+                argv.append("--force")
+            with open(log, "w", encoding="utf-8") as fh:
+                child = run.groups.start(argv, env=env, stdout=fh)
+            running[child.pid] = (child, f, slot, log)
+            _say(f"fold {f} on {'the CPU' if slot == 'cpu' else 'GPU ' + slot}: log {log}")
+        pid, _status = os.wait()
+        if pid not in running:
+            continue
+        child, f, slot, log = running.pop(pid)
+        child.returncode = os.waitstatus_to_exitcode(_status)
+        rc = run.groups.finished(child)
+        free.append(slot)
+        if rc:
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+            _err(f"fold {f} failed (status {rc}; {log}){': ' + tail[0] if tail else ''}")
+            failed.append(f)
+        else:
+            _say(f"fold {f} done")
+    if failed:
+        _err(f"folds that failed: {format_folds(failed)}; the others finished")
+    return failed
+
+
+def train_one(run: Run, fold, slot: str) -> None:
+    """One fold under its own lock: train (or resume, or keep), then check the split nnU-Net used."""
+    from .folds import fold_dir
+    from .splits import SPLITS, check_trained_split
+
+    fd = _open_lock(run.fold_lock_path(fold))
+    try:
+        if not _try_lock(fd, fcntl.LOCK_EX):
+            raise TrainStop(f"fold {fold} of {run.dname} is being trained by another run "
+                            f"(lock {run.fold_lock_path(fold)})", EXIT_BUSY)
+        device = run.device(slot)
+        env = nnunet_env(_with_device(dict(os.environ), device, slot), len(run.slots))
+        groups = run.groups
+        saved = groups.pass_fds
+        groups.pass_fds = (*saved, fd)
+        try:
+            trained = train_fold(groups, env, run.dnum, run.configuration, fold, run.trainer, device, run.model,
+                                 run.fingerprint, run.force)
+        finally:
+            groups.pass_fds = saved
+        splits = run.pp_root / run.dname / SPLITS
+        stamp = run.pp_root / run.dname / ".sacrum-splits-sha256"
+        if fold != "all" and splits.is_file() and stamp.is_file():
+            problem = check_trained_split(fold_dir(run.model, fold), fold, splits)
+            if problem and trained:
+                raise TrainStop(problem)
+            if problem:
+                _err(f"warning: {problem}")
+            elif trained:
+                _say(f"fold {fold}: nnU-Net validated exactly the val cases of {splits.name} fold {fold}")
+        if not (fold_dir(run.model, fold) / "checkpoint_best.pth").is_file():
+            raise TrainStop(f"{fold_dir(run.model, fold)} has no checkpoint_best.pth")
+    finally:
+        os.close(fd)
+
+
+def train_fold(groups: ProcessGroups, env: dict[str, str], dnum: str, configuration: str, fold,
+               trainer: str, device: str, model: Path, fingerprint: str, force: bool) -> bool:
+    """Train (or resume, or keep) one fold; True when it was trained now, False when kept.
+
+    :class:`TrainStop` when no ``checkpoint_final.pth`` results.
+    """
+    from .folds import fold_dir as folder_of
+
+    fold_dir = folder_of(model, fold)
     state = fold_state(fold_dir, fingerprint, force)
     if state == "done":
         _say(f"up to date: fold {fold} of {model} (FORCE=1 retrains)")
-        return
+        return False
     args = ["nnUNetv2_train", dnum, configuration, str(fold), "-tr", trainer, "-device", device]
     if state == "resume":
         _say(f"resuming fold {fold} from {fold_dir / 'checkpoint_latest.pth'}")
@@ -406,53 +637,78 @@ def train_fold(groups: ProcessGroups, env: dict[str, str], dnum: str, configurat
     else:
         _say(f"training fold {fold}: {trainer} {configuration} on {device}")
         fold_dir.mkdir(parents=True, exist_ok=True)
-        for old in [*fold_dir.glob("checkpoint_*.pth"), model / f"evaluation_fold{fold}.csv"]:
+        for old in fold_dir.glob("checkpoint_*.pth"):
             old.unlink(missing_ok=True)
+        _remove(fold_dir / "validation")
         (fold_dir / ".sacrum-raw-fingerprint").write_text(fingerprint + "\n", encoding="utf-8")
     groups.run(args, env=env)
     final = fold_dir / "checkpoint_final.pth"
     if not final.is_file():
         raise TrainStop(f"nnUNetv2_train ended without {final}")
+    return True
 
 
-def evaluate_fold(groups: ProcessGroups, env: dict[str, str], raw: Path, dname: str, configuration: str,
-                  fold: int, trainer: str, device: str, model: Path) -> None:
-    """Predict ``raw/imagesTs`` with one fold (temporary folder, then renamed) and evaluate against labelsTs."""
-    checkpoint = model / f"fold_{fold}" / "checkpoint_final.pth"
-    preds = model / f"predictions_fold{fold}_imagesTs"
-    table, summary = model / f"evaluation_fold{fold}.csv", model / f"evaluation_fold{fold}.txt"
-    images = raw / "imagesTs"
-    if not images.is_dir() or not any(os.scandir(images)):
-        _say(f"no {images}: no test-split evaluation")
-        return
-    if evaluation_up_to_date(table, checkpoint, preds):
-        try:
-            line = summary.read_text(encoding="utf-8", errors="replace").rstrip("\n")
-        except OSError:
-            line = str(table)
+def finish(run: Run) -> int:
+    """Evaluate ``run.folds`` as stage 4 uses them, then export every finished fold; the exit status."""
+    from .errors import InputError
+    from .folds import check_folds
+
+    if run.dname is None:
+        run.find()
+    run.lock_shared()
+    try:
+        for ckpt in ("final", "best"):
+            check_folds(run.model, run.folds, ckpt)
+    except InputError as exc:
+        raise TrainStop(f"{exc}; train them first (--stage fold)") from None
+    status = evaluate_model_stage(run)
+    export_model(run.groups, run.dnum, run.dname, run.configuration, run.trainer, run.model, run.results)
+    return status
+
+
+def evaluation_names(model: Path, folds) -> tuple[Path, Path, Path]:
+    """``(table, summary, masks folder)`` of the evaluation of ``folds``: ``evaluation_fold0.csv``,
+    ``evaluation_fold0-1-2.csv``, ``evaluation_foldall.csv`` (+ ``.txt``; masks in ``evaluation_fold<...>/``)."""
+    tag = "-".join(str(f) for f in folds)
+    return (model / f"evaluation_fold{tag}.csv", model / f"evaluation_fold{tag}.txt", model / f"evaluation_fold{tag}")
+
+
+def evaluate_model_stage(run: Run) -> int:
+    """The TESTING images through stage 4's code path (child process ``sacrum-masks evaluate-model``)."""
+    from .folds import fold_dir, format_folds
+    from .model_eval import held_out_cases
+
+    table, summary, masks = evaluation_names(run.model, run.folds)
+    raw = run.raw_root / run.dname
+    if not held_out_cases(raw):
+        _say(f"no test cases in {raw} (TESTING / imagesTs with labelsTs): no evaluation")
+        return 0
+    checkpoints = [fold_dir(run.model, f) / f"checkpoint_{c}.pth" for f in run.folds for c in ("best", "final")]
+    if table.is_file() and summary.is_file() and masks.is_dir() and not any(newer(c, table) for c in checkpoints):
+        line = summary.read_text(encoding="utf-8", errors="replace").rstrip("\n")
         _say(f"up to date: {line}")
-        return
-    _say(f"predicting {images} with fold {fold}")
-    tmp = preds.with_name(preds.name + ".tmp")
-    _remove(tmp)
-    _remove(preds)
-    groups.run(["nnUNetv2_predict", "-i", str(images), "-o", str(tmp), "-d", dname, "-c", configuration,
-                "-tr", trainer, "-f", str(fold), "-chk", "checkpoint_final.pth", "-device", device], env=env)
-    if not tmp.is_dir():
-        raise TrainStop(f"nnUNetv2_predict ended without {tmp}")
-    tmp.rename(preds)
-    if not (raw / "labelsTs").is_dir():
-        _say(f"no {raw / 'labelsTs'}: predictions in {preds}, no evaluation table")
-        return
-    from .evaluate import evaluate_command
-
-    _invoke(evaluate_command, ["--pred", str(preds), "--truth", str(raw / "labelsTs"), "-o", str(table),
-                               "--summary", str(summary)])
+        return 0
+    slot = run.slots[0]
+    device = run.device(slot)
+    env = nnunet_env(_with_device(dict(os.environ), device, slot))
+    code = "from sacrum_masks.cli import main; main(prog_name='sacrum-masks')"
+    _say(f"evaluating folds {format_folds(run.folds)} on the test split as stage 4 segments it")
+    try:
+        run.groups.run([sys.executable, "-c", code, "evaluate-model", "--model", str(run.model), "--raw", str(raw),
+                        "--fold", format_folds(run.folds), "--device", "cpu" if device == "cpu" else "cuda",
+                        "-o", str(table), "--summary", str(summary), "--masks", str(masks)], env=env)
+    except TrainStop as stop:
+        _err(f"evaluation of folds {format_folds(run.folds)} failed (status {stop.code})")
+        return 1
+    return 0
 
 
 def export_model(groups: ProcessGroups, dnum: str, dname: str, configuration: str, trainer: str, model: Path,
                  results: Path) -> None:
-    """Zip all finished folds (temporary file, then renamed), unless the zip is newer than all of them."""
+    """Zip every finished fold with checkpoint_final and checkpoint_best (temporary file, then renamed),
+    unless the zip is newer than all of them."""
+    from .folds import format_folds
+
     zip_path = results / f"{dname}__{trainer}__nnUNetPlans__{configuration}.zip"
     done = finished_folds(model)
     if not done:
@@ -463,30 +719,60 @@ def export_model(groups: ProcessGroups, dnum: str, dname: str, configuration: st
     tmp = zip_path.with_name(zip_path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     groups.run(["nnUNetv2_export_model_to_zip", "-d", dnum, "-o", str(tmp), "-c", configuration, "-tr", trainer,
-                "-f", *map(str, done)])
+                "-f", *map(str, done), "-chk", "checkpoint_final.pth", "checkpoint_best.pth"])
     if not tmp.is_file():
         raise TrainStop(f"nnUNetv2_export_model_to_zip ended without {tmp}")
     tmp.rename(zip_path)
-    _say(f"model zip (folds {' '.join(map(str, done))}): {zip_path}")
+    _say(f"model zip (folds {format_folds(done)}, checkpoints final and best): {zip_path}")
+
+
+def train(dnum: str, gpu: str, fold: str, config: str | None, trainer: str, configuration: str,
+          force: bool, stage: str = "all") -> int:
+    """Stage 3 for dataset ``dnum`` (see the module docstring); the exit status, or :class:`TrainStop`."""
+    from .folds import format_folds
+
+    run = Run(dnum, gpu, fold, config, trainer, configuration, force)
+    if stage in ("all", "fold"):
+        for slot in dict.fromkeys(run.slots):   # before anything is written
+            run.device(slot)
+    if stage in ("all", "prepare"):
+        prepare(run)
+    if stage == "prepare":
+        return 0
+    if stage in ("all", "fold"):
+        failed = train_folds(run)
+        if failed:
+            if stage == "all":
+                _err(f"not evaluated or exported: fold {format_folds(failed)} failed; run the same command "
+                     f"again to retry")
+            return 1
+    if stage in ("all", "finish"):
+        return finish(run)
+    return 0
 
 
 @click.command("train")
 @click.option("--dnum", default="300", show_default=True, help="dataset number (DNUM)")
-@click.option("--gpu", default="0", show_default=True, help="CUDA device id, or cpu (GPU)")
-@click.option("--fold", default="0", show_default=True, help="0..4, or all (FOLD)")
+@click.option("--gpu", default="0", show_default=True,
+              help="CUDA device id, cpu, or a list (0,1 or cpu,cpu): folds side by side, one per entry (GPU)")
+@click.option("--fold", default="0", show_default=True, help='0..4, a list ("0 1 2 3 4"), or all = fold_all (FOLD)')
 @click.option("--config", default=None, help="split config building the raw dataset when absent (CONFIG)")
 @click.option("--trainer", default="nnUNetTrainer", show_default=True, help="nnU-Net trainer class (TRAINER)")
 @click.option("--configuration", default="3d_fullres", show_default=True,
               help="nnU-Net configuration, e.g. 3d_fullres_small (CONFIGURATION)")
+@click.option("--stage", type=click.Choice(STAGES), default="all", show_default=True, envvar="TRAIN_STAGE",
+              help="prepare (plan, preprocess, splits), fold (train each fold), finish (evaluate, export), "
+                   "or all (TRAIN_STAGE)")
 @click.option("--force", is_flag=True, help="re-plan, re-preprocess and retrain from scratch (FORCE=1)")
-def train_command(dnum, gpu, fold, config, trainer, configuration, force):
-    """Plan, preprocess, train, evaluate on imagesTs and export an nnU-Net v2 model (see bin/train.sh).
+def train_command(dnum, gpu, fold, config, trainer, configuration, stage, force):
+    """Plan, preprocess, train, evaluate on the test split and export an nnU-Net v2 model (see bin/train.sh).
 
     Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results in the environment (env.sh sets them).
     """
     try:
-        train(dnum, gpu, fold, config, trainer, configuration, force)
+        code = train(dnum, gpu, fold, config, trainer, configuration, force, stage)
     except TrainStop as stop:
         if str(stop):
             _err(str(stop))
         sys.exit(stop.code)
+    sys.exit(code)
