@@ -22,11 +22,21 @@ FORCE   ?= 0
 TRAIN_STAGE ?= all
 SKIP_INVALID ?= 0
 PYTEST_ARGS ?=
+# SLURM (make slurm-masks / slurm-train); empty = the script's default (see bin/slurm_lib.sh)
+N         ?= 4
+PARTITION ?=
+ACCOUNT   ?=
+TIME      ?=
+GPUS      ?= 1
+CPUS      ?= 4
+FOLDS     ?= 0 1 2 3 4
+ARGS      ?=
+SLURM_ENV = N='$(N)' PARTITION='$(PARTITION)' ACCOUNT='$(ACCOUNT)' TIME='$(TIME)' GPUS='$(GPUS)' CPUS='$(CPUS)'
 
 STAMP := $(VENV)/.sacrum-masks-installed
 export VENV PYTHON TORCH CT DNUM DNAME GPU FOLD TRAINER CONFIGURATION CONFIG FORCE SKIP_INVALID TRAIN_STAGE
 
-.PHONY: help setup test demo register dataset train masks qc ct-labels bench clean-demo
+.PHONY: help setup test demo register dataset train masks qc ct-labels bench clean-demo slurm-masks slurm-train
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -65,6 +75,12 @@ train: $(STAMP) ## stage 3: plan, preprocess, splits, train, evaluate, export (G
 
 masks: $(STAMP) ## stage 4: sacrum masks as BIDS derivatives (same as bash bin/generate_sacrum.sh)
 	bash bin/generate_sacrum.sh
+
+slurm-masks: $(STAMP) ## stage 4 as a SLURM array of N shards + summary job (N PARTITION ACCOUNT TIME GPUS CPUS; ARGS="--bids DIR -- --fold 0")
+	$(SLURM_ENV) bash bin/slurm_masks.sh $(ARGS)
+
+slurm-train: $(STAMP) ## stage 3 on SLURM: prepare job, FOLDS as an array (GPUS each), finish job (evaluate, export)
+	$(SLURM_ENV) FOLDS='$(FOLDS)' bash bin/slurm_train.sh $(ARGS)
 
 qc: $(STAMP) ## QC report (PNG per mask + index.html) for DERIV=<dataset>/derivatives/labels
 	bash bin/qc.sh $(DERIV)

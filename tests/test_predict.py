@@ -468,23 +468,32 @@ def test_busy_lock_exits_zero_without_work(tmp_path, capsys):
 
 
 def test_shards_run_side_by_side_but_not_beside_a_whole_run(tmp_path, capsys):
-    """SLURM array tasks (--shard I/N) share a dataset's lock; a whole-list run excludes them, and vice versa."""
+    """SLURM array tasks (--shard I/N, any N) share a dataset's lock; a whole-list run excludes them, and
+    vice versa; an image claimed by another run is left to it ("busy"), whatever that run's N."""
+    from sacrum_masks.claims import Claims
+    from sacrum_masks.predict import output_paths
+
     ds = small_dataset(tmp_path)
     folder = ds / "derivatives" / "labels"
     items = select_items(items_from_bids(ds))
     model = fake_model_dir(tmp_path)
-    with folder_lock(folder, shared=True), folder_lock(folder, name=".sacrum-masks.shard-2-of-2.lock"):
-        # shard 2/2 is running: shard 1/2 goes ahead, a whole run and a second shard 2/2 do not
+    shard2 = select_items(items, (2, 2))
+    other = Claims()   # stands for another run (say --shard 1/3) writing shard 2/2's first image
+    with folder_lock(folder, shared=True), other.try_claim(output_paths(shard2[0])[0], folder):
+        # shard 2/2 is running: shard 1/2 goes ahead, a whole run does not
         shard1 = select_items(items, (1, 2))
         assert run_predict(shard1, Settings(model, shard=(1, 2)), model_factory=Loads()) == 0
         assert len(list(folder.rglob("*_label-sacrum_seg.nii.gz"))) == len(shard1) > 0
         capsys.readouterr()
         loads = Loads()
         assert run_predict(items, Settings(model), model_factory=loads) == 0
-        assert run_predict(select_items(items, (2, 2)), Settings(model, shard=(2, 2)),
-                           model_factory=loads) == 0
         assert loads.count == 0
-        assert capsys.readouterr().out.count("another run is writing") == 2
+        assert capsys.readouterr().out.count("another run is writing") == 1
+        # a shard of another N beside it: writes all but the claimed image, which it reports busy
+        assert run_predict(shard2, Settings(model, shard=(2, 2)), model_factory=Loads()) == 0
+        out = capsys.readouterr().out
+        assert f"predict: busy  {shard2[0].entry}: another run is writing it" in out
+        assert out.strip().splitlines()[-1] == SUMMARY.format(len(shard2) - 1, 0, 0, 0) + ", 1 busy"
     with folder_lock(folder):  # a whole run holds it: shards wait their turn elsewhere
         loads = Loads()
         assert run_predict(select_items(items, (2, 2)), Settings(model, shard=(2, 2)),

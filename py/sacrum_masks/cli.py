@@ -32,6 +32,8 @@ COMMANDS = {
     "qc": "sacrum_masks.qc:qc_command",
     "ct-labels": "sacrum_masks.ct_labels:ct_labels_command",
     "train": "sacrum_masks.train:train_command",
+    "slurm-summary": "sacrum_masks.slurm:slurm_summary_command",
+    "slurm-check-array": "sacrum_masks.slurm:slurm_check_array_command",
 }
 
 

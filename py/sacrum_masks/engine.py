@@ -482,8 +482,9 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
     workers : int
         CPU allocation (:func:`cpu_allocation` by default), split by :func:`thread_plan`.
     claim, release : callable, optional
-        ``claim(job) -> bool`` before a job is read (False: reported ``skipped``, claimed by another
-        run); ``release(job)`` after its last step.
+        ``claim(job)`` before a job is read: True goes on, ``(status, detail)`` is reported instead
+        (``busy``: claimed by another run; ``up to date``: written meanwhile); ``release(job)`` after
+        its last step.
     """
     progress = Progress(images=len(jobs))
     if not jobs:
@@ -513,8 +514,9 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
         while todo and len(reads) < ahead:
             job = todo.popleft()
             if claim is not None:
-                if not claim(job):
-                    report(job, "skipped", "claimed by another run")
+                got = claim(job)
+                if got is not True:   # (status, detail): another run has it, or wrote it meanwhile
+                    report(job, *(got or ("busy", "another run is writing it")))
                     continue
                 claimed.add(id(job))
             in_flight[id(job)] = job

@@ -25,7 +25,12 @@ Conventions
   the model's training contrasts, ``sacrum_masks_contrasts`` of its dataset.json) are segmented; the
   others are listed as "skipped (contrast)".
 * One lock per output folder (``derivatives/labels``), taken in sorted order; a busy lock makes the
-  run exit 0 without work (or wait with ``--wait``).
+  run exit 0 without work (or wait with ``--wait``). Shard runs (``--shard I/N``) hold it shared and
+  claim each image (:mod:`sacrum_masks.claims`: a lock per output, whatever N), so shards of different
+  N never write one image at once: an image another run has claimed is reported ``busy`` and left to it.
+  Stale temporaries are removed only under the image's claim. ``--lock-dir`` puts every lock file on a
+  local flock-capable folder (file systems without flock); ``--report FILE.json`` records each image's
+  status and the counts (read by ``sacrum-masks slurm-summary``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import numpy as np
 
 from . import __version__
 from .batch import Batch, folder_lock
+from .claims import Claims
 from . import bids
 from .bids import BidsName, find_images, sidecar_path
 from .components import largest_component
@@ -524,21 +530,41 @@ class Settings:
     save_probabilities: bool = False
     bf16: bool = False
     preset: str | None = None
+    lock_dir: Path | None = None                # None: the claims and locks beside the outputs
+    report: Path | None = None                  # --report FILE.json
 
 
-def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool) -> None:
+def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool,
+                       lock_dir: Path | None = None) -> None:
     """Lock one output folder for this run; raises :class:`LockBusy` when another run conflicts.
 
     A whole-list run holds the folder's lock exclusively. A shard run (``--shard I/N``, SLURM array
-    tasks) holds it shared, so the N shards of one cohort run side by side (their images are disjoint),
-    plus an exclusive lock of its own shard, so the same shard never runs twice at once; a whole-list
-    run and a shard run exclude each other.
+    tasks) holds it shared, so shards run side by side, whatever their N; they never write one image at
+    once because each image is claimed (:mod:`sacrum_masks.claims`). A whole-list run and a shard run
+    exclude each other.
     """
-    if shard == (1, 1):
-        stack.enter_context(folder_lock(folder, wait=wait))
-        return
-    stack.enter_context(folder_lock(folder, wait=wait, shared=True))
-    stack.enter_context(folder_lock(folder, wait=wait, name=f".sacrum-masks.shard-{shard[0]}-of-{shard[1]}.lock"))
+    stack.enter_context(folder_lock(folder, wait=wait, shared=shard != (1, 1), lock_dir=lock_dir))
+
+
+def plan_item(claims: Claims, folder: DerivativeFolder, item: Item, settings: dict, force: bool = False,
+              probseg: bool = False) -> Plan | None:
+    """The writer's plan for one image, made under the image's claim; None when another run holds it.
+
+    The plan removes the temporary files a killed run left beside the outputs: only under the claim
+    (:mod:`sacrum_masks.claims`), which is released before returning. InputError as :func:`plan_mask`.
+    """
+    claim = claims.try_claim(folder.output_path(item.image, *MASK_SUFFIX), folder.root)
+    if claim is None:
+        return None
+    with claim:
+        return plan_mask(folder, item, settings, force, probseg)[0]
+
+
+def write_report(batch: Batch, settings: Settings, **extra) -> None:
+    """``--report FILE.json``: the batch's statuses and counts (nothing when no report was asked for)."""
+    if settings.report is not None:
+        batch.write_report(settings.report, SUMMARY_ORDER, shard=f"{settings.shard[0]}/{settings.shard[1]}",
+                           **extra)
 
 
 def engine_network_factory(settings: Settings):
@@ -581,16 +607,20 @@ class _Log:
             self.bar.close()
 
 
-def run_serial(jobs: list[Job], model, sink, report) -> None:
+def run_serial(jobs: list[Job], model, sink, report, claim=None, release=None) -> None:
     """The serial path: :func:`segment_image` per image with ``model.predict``, then the same sink.
 
     Used with a stand-in network (tests) and as the engine's equality oracle; any exception of one
-    image is that image's failure.
+    image is that image's failure. ``claim``/``release`` as :func:`sacrum_masks.engine.run`.
     """
     from .engine import failure_reason
 
     for job in jobs:
         start = time.perf_counter()
+        got = True if claim is None else claim(job)
+        if got is not True:
+            report(job, *got)
+            continue
         try:
             img, data = load_image(job.image)
             mask, n_removed = segment_image(model.predict, img, data)
@@ -598,6 +628,9 @@ def run_serial(jobs: list[Job], model, sink, report) -> None:
         except Exception as exc:
             report(job, "failed", failure_reason(exc))
             continue
+        finally:
+            if release is not None:
+                release(job)
         status, detail = out if isinstance(out, tuple) else (out, "")
         report(job, status, f"{detail}, {time.perf_counter() - start:.1f} s" if detail else detail)
 
@@ -625,14 +658,17 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, ne
         if it.error is None and it.dataset not in folders:
             # InputError (--output-dir inside the raw dataset) goes up: one line, exit 2, nothing written
             folders[it.dataset] = labels_folder(it.dataset, settings.output_dir)
+    roots = [str(f.root) for f in sorted(folders.values(), key=lambda f: str(f.root))]
+    claims = Claims(settings.lock_dir)
     empty = []
     with ExitStack() as locks:
         for folder in sorted(folders.values(), key=lambda f: str(f.root)):
             folder.ensure()   # InputError (a path component is a file) goes up: one line, exit 2
             try:
-                lock_output_folder(locks, folder.root, settings.shard, settings.wait)
+                lock_output_folder(locks, folder.root, settings.shard, settings.wait, settings.lock_dir)
             except LockBusy:
                 print(f"predict: another run is writing {folder.root}; exiting", file=out, flush=True)
+                write_report(batch, settings, folders=roots, busy_folder=str(folder.root))
                 return 0
         todo = []
         for it in items:
@@ -645,7 +681,11 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, ne
                 if wanted and contrast not in wanted:
                     batch.report(it.image, SKIPPED_CONTRAST, f"{contrast} (segmenting {', '.join(wanted)})")
                     continue
-                plan, mask_path = plan_mask(folder, it, mask_set, settings.force, settings.save_probabilities)
+                plan = plan_item(claims, folder, it, mask_set, settings.force, settings.save_probabilities)
+                if plan is None:
+                    batch.report(it.image, "busy", "another run is writing it")
+                    continue
+                mask_path = folder.output_path(it.image, *MASK_SUFFIX)
             except InputError as exc:
                 batch.report(it.entry, "failed", exc.reason if Path(exc.path) == it.image else str(exc))
                 continue
@@ -659,26 +699,52 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, ne
         if todo:
             sink = (sink_factory or WriteMask)(identity)
             log = _Log(batch, len(todo), stream)
+            held: dict = {}
 
             def report(job, status, detail=""):
                 if status == "written" and detail.startswith("EMPTY"):
                     empty.append(str(job.image))
                 log(job, status, detail)
 
+            def claim(job):
+                """Claim the job's image before it is read, and plan it again (another run may have written it)."""
+                got = claims.try_claim(job.mask, job.folder.root)
+                if got is None:
+                    return "busy", "another run is writing it"
+                try:
+                    plan = plan_mask(job.folder, job.item, mask_set, settings.force, settings.save_probabilities)[0]
+                except InputError as exc:
+                    got.release()
+                    return "failed", exc.reason
+                if plan.status != "write":
+                    got.release()
+                    return plan.status, plan.reason
+                held[id(job)] = got
+                return True
+
+            def release(job):
+                got = held.pop(id(job), None)
+                if got is not None:
+                    got.release()
+
             try:
                 if model_factory is not None:
-                    run_serial(todo, model_factory(settings), sink, report)
+                    run_serial(todo, model_factory(settings), sink, report, claim=claim, release=release)
                 else:
                     from . import engine
 
                     engine.run(todo, network_factory or engine_network_factory(settings), sink,
-                               workers=settings.workers, report=report, want_probabilities=settings.save_probabilities)
+                               workers=settings.workers, report=report, want_probabilities=settings.save_probabilities,
+                               claim=claim, release=release)
             finally:
                 log.close()
+                for got in held.values():
+                    got.release()
     line = batch.summary(SUMMARY_ORDER)
     if empty:
         line += f"; {len(empty)} empty: " + ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
     print(line, file=out, flush=True)
+    write_report(batch, settings, folders=roots)
     return batch.exit_code
 
 
@@ -786,11 +852,16 @@ _MODEL_HELP = ("nnU-Net model folder; default: the one `make train` writes, "
 @click.option("--output-dir", "output_dir", envvar="SACRUM_OUTPUT_DIR", show_envvar=True, default=None,
               type=click.Path(path_type=Path),
               help="Write DIR/<dataset>/derivatives/labels instead of inside each dataset (read-only datasets).")
+@click.option("--lock-dir", type=click.Path(file_okay=False, path_type=Path), envvar="SACRUM_LOCK_DIR",
+              show_envvar=True, help="Folder for the lock files, on a local flock-capable file system, for "
+                                     "outputs on one without flock (then only runs on this node exclude each other).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), envvar="SACRUM_REPORT", show_envvar=True,
+              help="Write every image's status and the counts to this JSON file (read by slurm-summary).")
 @click.option("--serial", is_flag=True, hidden=True,
               help="One image after the other in one process (predict_single_npy_array): the benchmark's baseline.")
 def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold, checkpoint, gpu, device, preset,
                     tile_step, mirroring, workers, save_probabilities, force, wait, shard, contrast, output_dir,
-                    serial):
+                    lock_dir, report, serial):
     """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets.
 
     Exit status: 0 when nothing failed (also when another run holds a lock), 1 when an image failed,
@@ -829,7 +900,8 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold
     if shard != (1, 1):
         click.echo(f"predict: shard {shard[0]}/{shard[1]}: {len(selected)} of {len(items)} images")
     settings = Settings(Path(model_dir), fold, checkpoint, device, chosen["tile_step"], mirroring, force, wait, shard,
-                        contrasts, output_dir, workers, save_probabilities, chosen.get("bf16", False), preset)
+                        contrasts, output_dir, workers, save_probabilities, chosen.get("bf16", False), preset,
+                        lock_dir, report)
     serial_model = (lambda s: NnunetModel(s.model_dir, s.fold, s.checkpoint, s.device, s.tile_step, s.mirroring)) \
         if serial else None
     sys.exit(run_predict(selected, settings, model_factory=serial_model))
