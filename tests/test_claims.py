@@ -177,7 +177,7 @@ def test_no_flock_is_one_line_naming_the_folder_and_the_mount_option(tmp_path, m
     def no_flock(fd, op):
         raise OSError(code, "Function not implemented")
     monkeypatch.setattr(claims_mod.fcntl, "flock", no_flock)
-    res = CliRunner().invoke(main, ["predict", "--bids", str(ds), "--model", str(model)])
+    res = CliRunner().invoke(main, ["predict", "--bids", str(ds), "--model", str(model), "--device", "cpu"])
     assert res.exit_code == 2, res.output
     deriv = ds / "derivatives" / "labels"
     lines = res.output.strip().splitlines()

@@ -105,14 +105,14 @@ def test_bad_input_is_one_line_and_nothing_half_written(tmp_path):
     (ds / "derivatives").write_text("not a folder")
     with pytest.raises(InputError, match="is a file, not a folder"):
         folder.ensure()
-    r = CliRunner().invoke(main, ["predict", "--bids", str(ds), "--model", str(fake_model_dir(tmp_path))])
+    r = CliRunner().invoke(main, ["predict", "--bids", str(ds), "--model", str(fake_model_dir(tmp_path)), "--device", "cpu"])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == (
         f"sacrum-masks: error: {ds / 'derivatives'}: is a file, not a folder: cannot write derivatives below it")
     # --output-dir inside the raw dataset's sub-* folders
     (ds / "derivatives").unlink()
     before = tree(ds)
     r = CliRunner().invoke(main, ["predict", "--bids", str(ds), "--model", str(fake_model_dir(tmp_path / "m")),
-                                  "--output-dir", str(ds / "sub-01" / "out")])
+                                  "--output-dir", str(ds / "sub-01" / "out"), "--device", "cpu"])
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines() == [
         f"sacrum-masks: error: {ds / 'sub-01' / 'out'}: --output-dir is inside the raw dataset {ds.resolve()} "
@@ -122,7 +122,7 @@ def test_bad_input_is_one_line_and_nothing_half_written(tmp_path):
 
 def test_bids_folder_without_subjects_is_one_line_exit_2(tmp_path):
     small_dataset(tmp_path)   # tmp_path/bids/ds: pass the parent of the datasets by mistake
-    r = CliRunner().invoke(main, ["predict", "--bids", str(tmp_path / "bids"), "--model", str(fake_model_dir(tmp_path))])
+    r = CliRunner().invoke(main, ["predict", "--bids", str(tmp_path / "bids"), "--model", str(fake_model_dir(tmp_path)), "--device", "cpu"])
     assert r.exit_code == 2
     assert r.output.strip().splitlines() == [
         f"sacrum-masks: error: {tmp_path / 'bids'}: --bids: not a BIDS dataset, no sub-* folder "
