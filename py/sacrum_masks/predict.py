@@ -670,6 +670,8 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, ne
                 print(f"predict: another run is writing {folder.root}; exiting", file=out, flush=True)
                 write_report(batch, settings, folders=roots, busy_folder=str(folder.root))
                 return 0
+        print(f"predict: model {settings.model_dir} fold {settings.fold} checkpoint {settings.checkpoint} "
+              f"device {settings.device}", file=out, flush=True)
         todo = []
         for it in items:
             if it.error is not None:
@@ -887,7 +889,6 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold
     if tile_step is not None:
         chosen["tile_step"] = tile_step
     contrasts = parse_contrasts(contrast)
-    click.echo(f"predict: model {model_dir} fold {fold} checkpoint {checkpoint} device {device}")
     if not Path(model_dir).is_dir():
         click.echo(f"predict: installing the model from {model_zip or DEFAULT_MODEL_ZIP}")
         install_model(model_zip or DEFAULT_MODEL_ZIP, model_dir)
