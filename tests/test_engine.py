@@ -36,9 +36,11 @@ def test_doctests():
 
 
 def test_thread_plan_never_exceeds_the_allocation():
-    for n in range(2, 33):
+    for n in range(engine.SMALL_ALLOCATION, 33):
         p, t = engine.thread_plan(n)
         assert p >= 1 and t >= 1 and p + t <= n
+    for n in range(1, engine.SMALL_ALLOCATION):   # the network keeps them all, the worker runs niced
+        assert engine.thread_plan(n) == (1, n)
     assert engine.cpu_allocation({"SLURM_CPUS_PER_TASK": "3"}) == 3
     assert engine.cpu_allocation({}) == len(os.sched_getaffinity(0))
 

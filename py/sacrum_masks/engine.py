@@ -23,7 +23,8 @@ started again. SIGTERM or Ctrl-C terminates every worker, removes their temporar
 
 Threads: ``workers`` is the CPU allocation (``--workers``, else ``SLURM_CPUS_PER_TASK``, else the CPUs
 this process may use). :func:`thread_plan` splits it into ``P`` worker processes of one thread each and
-``T = workers - P`` torch threads for the network (at least 1), so the total never exceeds it.
+``T = workers - P`` torch threads for the network, so the total never exceeds it; below 4 CPUs the network
+keeps them all and the one worker process runs at a lower priority (nice 10) in the network's gaps.
 """
 
 from __future__ import annotations
@@ -94,16 +95,26 @@ def cpu_allocation(env=None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: below this many CPUs the network takes all of them (see :func:`thread_plan`)
+SMALL_ALLOCATION = 4
+#: niceness of the worker processes when they share the network's CPUs
+WORKER_NICE = 10
+
+
 def thread_plan(workers: int, n_images: int | None = None) -> tuple[int, int]:
     """``(P, T)``: worker processes (one thread each) and network torch threads for ``workers`` CPUs.
 
-    ``P`` is a quarter of the allocation (at least 1, at most the number of images), ``T`` the rest (at
-    least 1), so ``P + T <= workers`` whenever ``workers >= 2``.
+    From :data:`SMALL_ALLOCATION` CPUs on, ``P`` is a quarter of the allocation (at most the number of
+    images) and ``T`` the rest, so ``P + T <= workers``. Below it, one worker process runs at nice
+    :data:`WORKER_NICE` and the network keeps every CPU: on 2 cores the network is most of the work
+    (measured: the real-size rows of bench/bench_engine.py), and the reader/export work fills its gaps.
 
     >>> thread_plan(1), thread_plan(2), thread_plan(4), thread_plan(16), thread_plan(16, n_images=2)
-    ((1, 1), (1, 1), (1, 3), (4, 12), (2, 14))
+    ((1, 1), (1, 2), (1, 3), (4, 12), (2, 14))
     """
     workers = max(1, int(workers))
+    if workers < SMALL_ALLOCATION:
+        return 1, workers
     p = max(1, workers // 4)
     if n_images is not None:
         p = max(1, min(p, n_images))
@@ -227,9 +238,11 @@ def configuration_name_of(plans_manager, configuration_manager) -> str:
 _W: dict = {}
 
 
-def _init_worker(model_dir: str, configuration: str) -> None:
+def _init_worker(model_dir: str, configuration: str, nice: int = 0) -> None:
     """Pool initializer: one thread, Ctrl-C left to the main process, SIGTERM unwinds (temporaries removed)."""
     os.environ["OMP_NUM_THREADS"] = "1"
+    if nice:
+        os.nice(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _worker_sigterm)
     import torch
@@ -494,7 +507,8 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
     t0 = time.perf_counter()
     network = network_factory(n_threads)
     progress.model_load_seconds = time.perf_counter() - t0
-    pool = _Pool(n_proc, (str(network.spec.model_dir), network.configuration))
+    nice = WORKER_NICE if n_proc + n_threads > workers else 0
+    pool = _Pool(n_proc, (str(network.spec.model_dir), network.configuration, nice))
     ahead = n_proc + 1
     todo = deque(jobs)
     reads: deque = deque()            # [job, future, generation] in job order
