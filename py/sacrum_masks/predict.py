@@ -679,6 +679,7 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, ne
                 continue
             folder = folders[it.dataset]
             try:
+                folder.output_path(it.image, *MASK_SUFFIX)   # InputError first: not NIfTI, not a BIDS name
                 contrast = BidsName.parse(it.image).contrast
                 if wanted and contrast not in wanted:
                     batch.report(it.image, SKIPPED_CONTRAST, f"{contrast} (segmenting {', '.join(wanted)})")
