@@ -140,6 +140,22 @@ def evaluate_bids(truth_root: str | Path, bids_dirs) -> list[dict]:
     return rows
 
 
+def report_rows(prog: str, rows: list[dict], table: str, output: Path, line: str, summary_path: Path | None) -> int:
+    """Write the table (and the one-line summary), name each case that is not ok; the exit status.
+
+    Shared by ``evaluate`` and ``evaluate-model``: 0 when every case is ok, else 1.
+    """
+    write_text_atomic(table, output)
+    if summary_path is not None:
+        write_text_atomic(line + "\n", summary_path)
+    for row in rows:
+        if row["status"] != "ok":
+            click.echo(f"{prog}: {row['status']}  {row['case']}: {row['detail']}", err=True)
+    click.echo(line)
+    click.echo(f"{prog}: table {output}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
 @click.command("evaluate")
 @click.argument("bids_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--pred", "pred_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -173,13 +189,4 @@ def evaluate_command(bids_dirs, pred_dir: Path | None, pred_bids, truth_dir: Pat
         rows = evaluate_bids(truth_dir, datasets)
     if not rows:
         raise InputError(truth_dir, "no reference masks (*.nii.gz, *.nii) found")
-    write_text_atomic(table_text(rows), output)
-    line = summarize(rows)
-    if summary_path is not None:
-        write_text_atomic(line + "\n", summary_path)
-    for row in rows:
-        if row["status"] != "ok":
-            click.echo(f"evaluate: {row['status']}  {row['case']}: {row['detail']}", err=True)
-    click.echo(line)
-    click.echo(f"evaluate: table {output}")
-    sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
+    sys.exit(report_rows("evaluate", rows, table_text(rows), output, summarize(rows), summary_path))

@@ -135,9 +135,8 @@ def table_text(rows: list[dict], settings: dict) -> str:
               help="write each case's mask here (<case>.nii.gz)")
 def evaluate_model_command(model_dir, raw_dir, fold, checkpoint, device, output, summary_path, masks_dir):
     """Dice of stage 4's masks on the test split, from the original images (see the module docstring)."""
-    from .evaluate import summarize
+    from .evaluate import report_rows, summarize
     from .folds import check_folds, parse_folds
-    from .nifti import write_text_atomic
     from .predict import NnunetModel, Settings
 
     try:
@@ -155,13 +154,5 @@ def evaluate_model_command(model_dir, raw_dir, fold, checkpoint, device, output,
     if masks_dir is not None:
         masks_dir.mkdir(parents=True, exist_ok=True)
     rows = evaluate_cases(model, cases, masks_dir, stream=sys.stdout)
-    write_text_atomic(table_text(rows, settings), output)
-    line = f"{summarize(rows)}; {settings_text(settings)}"
-    if summary_path is not None:
-        write_text_atomic(line + "\n", summary_path)
-    for row in rows:
-        if row["status"] != "ok":
-            click.echo(f"evaluate-model: {row['status']}  {row['case']}: {row['detail']}", err=True)
-    click.echo(line)
-    click.echo(f"evaluate-model: table {output}")
-    sys.exit(0 if all(r["status"] == "ok" for r in rows) else 1)
+    sys.exit(report_rows("evaluate-model", rows, table_text(rows, settings), output,
+                         f"{summarize(rows)}; {settings_text(settings)}", summary_path))
