@@ -9,6 +9,19 @@
 
 err() { echo "$(basename "$0" .sh): $*" >&2; }
 
+# slurm_option NAME VALUE: the sbatch setting of an option both scripts take (--partition, --account,
+# --time, --gpus, --cpus); status 1 for any other option
+slurm_option() {
+  case "$1" in
+    --partition) PARTITION="$2" ;;
+    --account) ACCOUNT="$2" ;;
+    --time) TIME="$2" ;;
+    --gpus) GPUS="$2" ;;
+    --cpus) CPUS="$2" ;;
+    *) return 1 ;;
+  esac
+}
+
 # slurm_check: sbatch and scontrol on PATH, or one line saying so
 slurm_check() {
   local tool

@@ -46,12 +46,8 @@ main() {
         case "$1" in
           --config|--bids|--model) gen+=("$1" "$2") ;;
           -n|--shards) shards="$2" ;;
-          --partition) PARTITION="$2" ;;
-          --account) ACCOUNT="$2" ;;
-          --time) TIME="$2" ;;
-          --gpus) GPUS="$2" ;;
-          --cpus) CPUS="$2" ;;
           --run-dir) run_dir="$2" ;;
+          *) slurm_option "$1" "$2" ;;
         esac
         shift 2 ;;
       *) err "unknown option $1 (see --help)"; return 2 ;;

@@ -43,12 +43,8 @@ main() {
         if (( $# < 2 )); then err "$1 needs a value (see --help)"; return 2; fi
         case "$1" in
           --folds) folds="$2" ;;
-          --partition) PARTITION="$2" ;;
-          --account) ACCOUNT="$2" ;;
-          --time) TIME="$2" ;;
-          --gpus) GPUS="$2" ;;
-          --cpus) CPUS="$2" ;;
           --run-dir) run_dir="$2" ;;
+          *) slurm_option "$1" "$2" ;;
         esac
         shift 2 ;;
       *) err "unknown option $1 (see --help)"; return 2 ;;
