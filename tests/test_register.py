@@ -677,14 +677,14 @@ def test_register_sh(tmp_path):
     env = _env(tmp_path)
     p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert p.returncode == 2
-    assert p.stderr.strip() == 'register: no dataset given; run make register DATASET="path ..."'
+    assert 'no dataset given; run make register DATASET="path ..."' in p.stderr
     a, b = make_bids(tmp_path / "a"), make_bids(tmp_path / "b")
     p = subprocess.run(["bash", str(script), str(a), str(tmp_path / "missing"), str(b)], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 1
     assert p.stdout.count("register-ct: 3 written, 0 up to date, 0 failed") == 2
-    assert f"register: {tmp_path / 'missing'}: not a folder" in p.stderr
-    assert p.stderr.strip().splitlines()[-1] == "register: 1 of 3 datasets failed"
+    assert f"register-ct: {tmp_path / 'missing'}: not a folder" in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "register-ct: 1 of 3 datasets failed"
     env.update(SACRUM_IDX="1 2", FORCE="1")
     p = subprocess.run(["bash", str(script), str(a)], env=env, capture_output=True, text=True)
     assert p.returncode == 1  # the CT label has neither 1 nor 2
@@ -693,7 +693,10 @@ def test_register_sh(tmp_path):
     env.pop("SACRUM_IDX")
     env.update(TOTALSEG="v3")
     p = subprocess.run(["bash", str(script), str(a)], env=env, capture_output=True, text=True)
-    assert p.returncode == 2 and "TOTALSEG must be v1 or v2" in p.stderr
+    assert p.returncode == 2 and "TOTALSEG" in p.stderr and "'v3' is not one of 'v1', 'v2'" in p.stderr, p.stderr
+    env.update(TOTALSEG="", SACRUM_IDX="1 x")   # an empty variable is unset; a non-integer index is exit 2
+    p = subprocess.run(["bash", str(script), str(a)], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "SACRUM_IDX" in p.stderr and "'x' is not a valid integer" in p.stderr, p.stderr
 
 
 # --------------------------------------------------------------------------------------------------

@@ -512,35 +512,59 @@ def register_dataset(bids_dir, *, path_label=None, path_out=None, seg_suffix: st
 # --------------------------------------------------------------------------------------------------
 
 @click.command("register-ct")
-@click.argument("bids_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("bids_dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--path-label", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Labels folder (default BIDS_DIR/derivatives/labels).")
+              help="Labels folder (default BIDS_DIR/derivatives/labels; one dataset only).")
 @click.option("--path-out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default BIDS_DIR/derivatives/reg-labels).")
+              help="Output folder (default BIDS_DIR/derivatives/reg-labels; one dataset only).")
 @click.option("--seg-suffix", default="_seg", show_default=True, help="Suffix of the label files.")
-@click.option("--sacrum-idx", "sacrum_idx", type=int, multiple=True,
-              help="Label value of the sacrum; repeatable. Default: the label sidecar's SacrumIndices, else 92.")
-@click.option("--totalseg", type=click.Choice(["v1", "v2"]), default=None,
+@click.option("--sacrum-idx", "sacrum_idx", type=int, multiple=True, envvar="SACRUM_IDX", show_envvar=True,
+              help="Label value of the sacrum; repeatable (the variable: values separated by spaces). "
+                   "Default: the label sidecar's SacrumIndices, else 92.")
+@click.option("--totalseg", type=click.Choice(["v1", "v2"]), default=None, envvar="TOTALSEG", show_envvar=True,
               help="TotalSegmentator label order: v1 = 92, v2 = 25 and 26 (sacrum and S1).")
 @click.option("--backend", type=click.Choice(["native", "sct"]), default="native", show_default=True,
+              envvar="BACKEND", show_envvar=True,
               help="native: in-process resampling; sct: sct_register_multimodal -identity 1 -x nn (needs SCT on PATH).")
-@click.option("--force", is_flag=True, help="Redo outputs of ours that are up to date (manual corrections are kept).")
+@click.option("--force", is_flag=True, envvar="FORCE", show_envvar=True,
+              help="Redo outputs of ours that are up to date (manual corrections are kept).")
 @click.option("--output-dir", "output_dir", envvar="SACRUM_OUTPUT_DIR", show_envvar=True, default=None,
               type=click.Path(path_type=Path),
               help="Write DIR/<dataset>/derivatives/reg-labels instead of inside BIDS_DIR (read-only datasets).")
-def register_ct_command(bids_dir, path_label, path_out, seg_suffix, sacrum_idx, totalseg, backend, force, output_dir):
+def register_ct_command(bids_dirs, path_label, path_out, seg_suffix, sacrum_idx, totalseg, backend, force, output_dir):
     """Sacrum labels (CT or MRI) onto every MRI image's grid: BIDS_DIR/derivatives/reg-labels/.../<image>_seg.nii.gz.
 
-    For each MRI image of sub-*/[ses-*/]anat, the label is derivatives/labels/<path>/<image>_seg.nii.gz if
-    present, else the subject's CT label (<image with CT as contrast>_seg.nii.gz). The sacrum is carried
-    with an identity transform in world space and nearest-neighbour resampling (as
-    sct_register_multimodal -identity 1 -x nn).
+    For each MRI image of sub-*/[ses-*/]anat of each BIDS_DIR, the label is
+    derivatives/labels/<path>/<image>_seg.nii.gz if present, else the subject's CT label (<image with CT
+    as contrast>_seg.nii.gz). The sacrum is carried with an identity transform in world space and
+    nearest-neighbour resampling (as sct_register_multimodal -identity 1 -x nn). A dataset that fails
+    does not stop the others; the exit status is then 1.
     """
+    if not bids_dirs:
+        raise click.UsageError('no dataset given; run make register DATASET="path ..."')
     if sacrum_idx and totalseg:
         raise click.BadParameter("give either --sacrum-idx or --totalseg, not both", param_hint="--totalseg")
+    if len(bids_dirs) > 1 and (path_label or path_out):
+        raise click.BadParameter("one dataset only with --path-label / --path-out", param_hint="--path-out")
     indices = tuple(sacrum_idx) or (TOTALSEG_INDICES[totalseg] if totalseg else None)
-    batch = register_dataset(bids_dir, path_label=path_label, path_out=path_out, seg_suffix=seg_suffix,
-                             indices=indices, backend=backend, force=force, output_dir=output_dir)
-    click.echo(batch.summary(["written", "up to date", "failed"]))
-    if batch.exit_code:
-        raise SystemExit(batch.exit_code)
+    failed = 0
+    for bids_dir in bids_dirs:
+        if not Path(bids_dir).is_dir():
+            click.echo(f"register-ct: {bids_dir}: not a folder", err=True)
+            failed += 1
+            continue
+        try:
+            batch = register_dataset(bids_dir, path_label=path_label, path_out=path_out, seg_suffix=seg_suffix,
+                                     indices=indices, backend=backend, force=force, output_dir=output_dir)
+        except (InputError, LockBusy) as exc:
+            if len(bids_dirs) == 1:
+                raise   # one line and its exit status from the CLI (2, or busy)
+            click.echo(f"register-ct: {exc}", err=True)
+            failed += 1
+            continue
+        click.echo(batch.summary(["written", "up to date", "failed"]))
+        failed += bool(batch.exit_code)
+    if failed:
+        if len(bids_dirs) > 1:
+            click.echo(f"register-ct: {failed} of {len(bids_dirs)} datasets failed", err=True)
+        raise SystemExit(1)
