@@ -2,14 +2,21 @@
 measured in the same run on the same files with the same settings (tile step 0.5, no mirroring, fold 0).
 
 Real size: ``--images`` SPIDER-like sagittal images (15 x 512 x 512 voxels at 3.3 x 0.6 x 0.6 mm, made
-by sacrum_masks.synth), planned by nnU-Net's default planner (fingerprint + ``nnUNetv2_plan_experiment``:
-its 3d_fullres network for such data), freshly initialised weights (sacrum_masks.model_init):
-  (a) ``sacrum-masks predict`` (files in, files out) against ``nnUNetv2_predict_from_modelfolder`` (its
-      default -npp 3 -nps 3; -f 0 --disable_tta -step_size 0.5 -device cpu) on the same files;
+by sacrum_masks.synth, stored in SCT RPI so that nnU-Net reads the arrays our engine gives the network),
+planned by nnU-Net's default planner (fingerprint + ``nnUNetv2_plan_experiment``: its 3d_fullres network
+for such data), freshly initialised weights (sacrum_masks.model_init):
+  (a) ``sacrum-masks predict`` (files in, files out, ``--schedule auto``) against
+      ``nnUNetv2_predict_from_modelfolder`` (its default -npp 3 -nps 3; -f 0 --disable_tta -step_size 0.5
+      -device cpu; glibc's malloc defaults) on the same files, and how many masks equal nnU-Net's output
+      voxel for voxel once its largest component is kept;
   (b) our run's wall time against the sum of its forward passes (``SACRUM_ENGINE_STATS``);
-  (c) pipelined against the serial path (``predict --serial``: predict_single_npy_array per image), and
-      peak RSS for ``--rss-images`` (10 and 100: the same files under more names) with the same plans'
-      3d_fullres_small network (the pipeline's buffers are the point, not the network's speed).
+  (c) ours against the serial path (``predict --serial``: predict_single_npy_array per image); with
+      ``--rows pipeline`` also the pipeline forced on this allocation;
+  allocator (``--rows allocator``): ours with ``SACRUM_MALLOC=system`` (sacrum_masks.memory off);
+  preset (``--rows fast``): ``--preset fast`` against the reference settings;
+  peak RSS for ``--rss-images`` (10 and 100: the same files under more names), pipelined, with the same
+  plans' 3d_fullres_small network (the pipeline's buffers are the point, not the network's speed);
+  ``--part rss-demo`` does the same with the demo model.
 CPU settings (``--part cpu``) on the demo model (``make demo``, or BENCH_DEMO_DATA): time per image and
 mean Dice against the reference settings for tile step 0.75 / 1.0, bf16 autocast, torch.compile, torch
 thread counts.
@@ -57,7 +64,9 @@ def spider_like(out: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
         (raw / sub).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         anatomy = Anatomy.draw(rng)
-        affine, shape = grid_affine("RPI", (3.3, 0.6, 0.6), (15, 512, 512), anatomy.to_world((0.0, -10.0, -10.0)))
+        # SCT "RPI" (nibabel L, A, S): the orientation stage 4 gives the network, so nnUNetv2_predict on
+        # the file sees the same arrays as our engine
+        affine, shape = grid_affine("LAS", (3.3, 0.6, 0.6), (15, 512, 512), anatomy.to_world((0.0, -10.0, -10.0)))
         data, struct = render_mri(anatomy, affine, shape, "T2w", rng)
         path = bids / f"sub-{i + 1:03d}" / "anat" / f"sub-{i + 1:03d}_T2w.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,13 +87,34 @@ def timed(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
-def ours(ds: Path, model: Path, workers: int, work: Path, *extra: str) -> tuple[float, dict]:
+def ours(ds: Path, model: Path, workers: int, work: Path, *extra: str, extra_env=None) -> tuple[float, dict]:
     shutil.rmtree(ds / "derivatives", ignore_errors=True)
     stats = work / f"stats-{time.monotonic_ns()}.json"
     wall = timed([str(BIN / "sacrum-masks"), "predict", "--bids", str(ds), "--model", str(model), "--checkpoint",
                   "final", "--device", "cpu", "--workers", str(workers), *extra],
-                 env_for(SACRUM_ENGINE_STATS=str(stats)))
+                 env_for(SACRUM_ENGINE_STATS=str(stats), **(extra_env or {})))
     return wall, json.loads(stats.read_text()) if stats.exists() else {}
+
+
+def masks_by_image(ds: Path) -> dict[str, np.ndarray]:
+    """``{"sub-001": mask}`` of the stage 4 masks written in ``ds``."""
+    import nibabel as nib
+
+    return {p.name.split("_")[0]: np.asanyarray(nib.load(p).dataobj) != 0
+            for p in sorted((ds / "derivatives" / "labels").rglob("*_label-sacrum_seg.nii.gz"))}
+
+
+def agreement_with_nnunet(ours_masks: dict, nnunet_out: Path) -> tuple[int, int]:
+    """How many of our masks equal nnUNetv2_predict's (spider_<i>.nii.gz = sub-<i+1>) after its largest component."""
+    import nibabel as nib
+
+    from sacrum_masks.components import largest_component
+
+    same = 0
+    for key, mask in ours_masks.items():
+        theirs = np.asanyarray(nib.load(nnunet_out / f"spider_{int(key[4:]) - 1:03d}.nii.gz").dataobj) != 0
+        same += bool(np.array_equal(largest_component(theirs, 26)[0] != 0, mask))
+    return same, len(ours_masks)
 
 
 def renamed_copies(src: Path, dest: Path, n: int) -> Path:
@@ -98,6 +128,7 @@ def renamed_copies(src: Path, dest: Path, n: int) -> Path:
 
 
 def part_real(args, work: Path) -> None:
+    from sacrum_masks.metrics import dice
     from sacrum_masks.model_init import plan_dataset, write_initialised_model
     from sacrum_masks.plans import add_small_plans
 
@@ -122,15 +153,21 @@ def part_real(args, work: Path) -> None:
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at start); made in "
           f"{time.perf_counter() - t:.0f} s", flush=True)
 
-    # (a) nnUNetv2_predict on the same files, its defaults, same settings
+    # (a) nnUNetv2_predict on the same files, its defaults (glibc's malloc defaults too), same settings
     out = work / "nnunet_out"
+    plain = {k: v for k, v in env_for().items() if k not in ("GLIBC_TUNABLES", "SACRUM_MALLOC")}
     t_nnunet = timed([str(BIN / "nnUNetv2_predict_from_modelfolder"), "-i", str(raw / "imagesTr"), "-o", str(out),
                       "-m", str(model), "-f", "0", "-chk", "checkpoint_final.pth", "--disable_tta", "-step_size", "0.5",
-                      "-device", "cpu"], env_for())
+                      "-device", "cpu"], plain)
     t_ours, stats = ours(bids, model, args.workers, work)
+    reference = masks_by_image(bids)
     n = args.images
-    print(f"  (a) nnUNetv2_predict: {t_nnunet:.1f} s ({t_nnunet / n:.1f} s/image); ours: {t_ours:.1f} s "
-          f"({t_ours / n:.1f} s/image): ratio {t_nnunet / t_ours:.2f}x (goal >= 1.25x on 2 cores)", flush=True)
+    print(f"  (a) nnUNetv2_predict: {t_nnunet:.1f} s ({t_nnunet / n:.1f} s/image); ours ({stats.get('schedule')}): "
+          f"{t_ours:.1f} s ({t_ours / n:.1f} s/image): ratio {t_nnunet / t_ours:.2f}x (goal >= 1.25x on 2 cores)",
+          flush=True)
+    same, total = agreement_with_nnunet(reference, out)
+    print(f"      masks voxel for voxel equal to nnUNetv2_predict's (its output, largest component kept): "
+          f"{same} of {total} images", flush=True)
     fwd = stats.get("forward_seconds", float("nan"))
     eng = stats.get("wall_seconds", float("nan"))
     print(f"  (b) sum of forward passes {fwd:.1f} s; engine wall {eng:.1f} s (model load "
@@ -139,13 +176,30 @@ def part_real(args, work: Path) -> None:
     shutil.rmtree(bids / "derivatives", ignore_errors=True)
     t_serial = timed([str(BIN / "sacrum-masks"), "predict", "--bids", str(bids), "--model", str(model), "--checkpoint",
                       "final", "--device", "cpu", "--serial"], env_for())
-    print(f"  (c) serial path {t_serial:.1f} s; pipelined {t_ours:.1f} s: ratio {t_serial / t_ours:.2f}x", flush=True)
+    print(f"  (c) serial path (predict_single_npy_array per image) {t_serial:.1f} s; ours ({stats.get('schedule')}) "
+          f"{t_ours:.1f} s: ratio {t_serial / t_ours:.2f}x", flush=True)
+    if "pipeline" in args.rows:
+        t_pipe, st_pipe = ours(bids, model, args.workers, work, "--schedule", "pipeline")
+        print(f"      pipeline forced ({args.workers} CPUs): {t_pipe:.1f} s, {t_serial / t_pipe:.2f}x the serial path; "
+              f"its forward passes {st_pipe.get('forward_seconds', 0):.1f} s against {fwd:.1f} s in line", flush=True)
+    if "allocator" in args.rows:
+        t_sys, st_sys = ours(bids, model, args.workers, work, extra_env={"SACRUM_MALLOC": "system"})
+        print(f"  allocator: ours with glibc's malloc defaults (SACRUM_MALLOC=system) {t_sys:.1f} s, forward passes "
+              f"{st_sys.get('forward_seconds', 0):.1f} s; kept memory (default) {t_ours:.1f} s, {fwd:.1f} s: "
+              f"{t_sys / t_ours:.2f}x", flush=True)
+    if "fast" in args.rows:
+        t_fast, st_fast = ours(bids, model, args.workers, work, "--preset", "fast")
+        fast = masks_by_image(bids)
+        d = np.mean([dice(reference[k], fast[k]) for k in reference]) if reference else float("nan")
+        print(f"  preset fast: {t_fast:.1f} s ({t_fast / n:.1f} s/image): {t_nnunet / t_fast:.2f}x nnUNetv2_predict, "
+              f"{t_ours / t_fast:.2f}x ours at the reference settings; agreement Dice with ours {d:.4f} "
+              f"(fresh weights: a random network's masks, the demo rows are the ones that count)", flush=True)
 
     # peak RSS: the same plans' small network, 10 against 100 images
     rows = []
     for count in args.rss_images:
         ds = renamed_copies(bids, work / f"rss{count}" / "ds", count)
-        wall, st = ours(ds, small, args.workers, work, "--tile-step", "1.0")
+        wall, st = ours(ds, small, args.workers, work, "--tile-step", "1.0", "--schedule", "pipeline")
         rows.append((count, wall, st))
         print(f"  RSS {count} images: {wall:.1f} s, peak RSS main {st.get('peak_rss_main_mb', 0):.0f} MB, "
               f"largest worker {st.get('peak_rss_worker_mb', 0):.0f} MB", flush=True)
@@ -232,7 +286,7 @@ def part_rss_demo(args, work: Path) -> None:
     rows = []
     for count in args.rss_images:
         ds = renamed_copies(src, work / f"rss_demo{count}" / "ds", count)
-        wall, st = ours(ds, model, args.workers, work)
+        wall, st = ours(ds, model, args.workers, work, "--schedule", "pipeline")
         rows.append((count, st))
         print(f"  RSS (demo model) {count} images: {wall:.1f} s, peak RSS main {st.get('peak_rss_main_mb', 0):.0f} MB, "
               f"largest worker {st.get('peak_rss_worker_mb', 0):.0f} MB", flush=True)
@@ -250,6 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--network", choices=["default", "small"], default="default",
                         help="rows (a)-(c) with nnU-Net's 3d_fullres network (default) or its 8-64 feature copy")
     parser.add_argument("--cpu-images", type=int, default=8)
+    parser.add_argument("--rows", nargs="*", default=["pipeline", "allocator", "fast"],
+                        choices=["pipeline", "allocator", "fast"], help="optional real-size rows")
     parser.add_argument("--demo-data", type=Path, default=Path(os.environ.get("BENCH_DEMO_DATA", ROOT / "data" / "demo")))
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
     args = parser.parse_args(argv)

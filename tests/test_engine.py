@@ -39,8 +39,14 @@ def test_thread_plan_never_exceeds_the_allocation():
     for n in range(engine.SMALL_ALLOCATION, 33):
         p, t = engine.thread_plan(n)
         assert p >= 1 and t >= 1 and p + t <= n
-    for n in range(1, engine.SMALL_ALLOCATION):   # the network keeps them all, the worker runs niced
-        assert engine.thread_plan(n) == (1, n)
+        assert engine.choose_schedule("auto", "cpu", n) == "pipeline"
+    for n in range(1, engine.SMALL_ALLOCATION):
+        assert engine.choose_schedule("auto", "cpu", n) == "inline"
+        assert engine.thread_plan(n, schedule="inline") == (0, n)   # no process beside the network
+        assert engine.thread_plan(n) == (1, n)   # pipelined anyway (a GPU): the worker runs niced
+        assert engine.choose_schedule("auto", "cuda:0", n) == "pipeline"
+    with pytest.raises(ValueError):
+        engine.choose_schedule("fastest", "cpu", 2)
     assert engine.cpu_allocation({"SLURM_CPUS_PER_TASK": "3"}) == 3
     assert engine.cpu_allocation({}) == len(os.sched_getaffinity(0))
 
@@ -96,10 +102,10 @@ def temporaries(root: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fold", ["0", "0 1"])
-def test_engine_masks_equal_the_serial_path_voxel_for_voxel(tiny_model, tmp_path, capsys, fold):
+@pytest.mark.parametrize("fold,schedule", [("0", "pipeline"), ("0 1", "pipeline"), ("0 1", "inline")])
+def test_engine_masks_equal_the_serial_path_voxel_for_voxel(tiny_model, tmp_path, capsys, fold, schedule):
     a, b = blob_bids(tmp_path / "a"), blob_bids(tmp_path / "b")
-    settings = Settings(tiny_model, fold, "final", workers=2, save_probabilities=True)
+    settings = Settings(tiny_model, fold, "final", workers=2, save_probabilities=True, schedule=schedule)
     assert run_predict(items_from_bids(a), settings) == 0
     serial = Settings(tiny_model, fold, "final")
     assert run_predict(items_from_bids(b), serial,
@@ -168,10 +174,11 @@ class FullDiskFor(WriteMask):
 
 
 @pytest.mark.slow
-def test_one_bad_image_per_step_fails_alone(tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("schedule", ["pipeline", "inline"])
+def test_one_bad_image_per_step_fails_alone(tiny_model, tmp_path, capsys, schedule):
     ds = blob_bids(tmp_path, n=5)
     (ds / "sub-05" / "anat" / "sub-05_T2w.nii.gz").write_bytes(b"\x1f\x8b not really a NIfTI")   # read fails
-    settings = Settings(tiny_model, "0", "final", workers=2)
+    settings = Settings(tiny_model, "0", "final", workers=2, schedule=schedule)
     code = run_predict(items_from_bids(ds), settings, network_factory=FailingForward(settings),
                        sink_factory=FullDiskFor)
     out = capsys.readouterr()
@@ -206,11 +213,12 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_mid_run_leaves_no_worker_and_no_temporary_file(tiny_model, tmp_path):
+@pytest.mark.parametrize("schedule", ["pipeline", "inline"])
+def test_sigterm_mid_run_leaves_no_worker_and_no_temporary_file(tiny_model, tmp_path, schedule):
     ds = blob_bids(tmp_path, n=8)
     env = dict(os.environ, PYTHONPATH=str(ROOT / "py"))
     cmd = [str(Path(sys.executable).parent / "sacrum-masks"), "predict", "--bids", str(ds), "--model", str(tiny_model),
-           "--checkpoint", "final", "--device", "cpu", "--workers", "4"]
+           "--checkpoint", "final", "--device", "cpu", "--workers", "2", "--schedule", schedule]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     workers: set[int] = set()
     lines = []
@@ -221,7 +229,7 @@ def test_sigterm_mid_run_leaves_no_worker_and_no_temporary_file(tiny_model, tmp_
             if line.startswith("predict: written"):
                 break
         workers |= _children(proc.pid)
-        assert workers, "".join(lines)
+        assert bool(workers) == (schedule == "pipeline"), "".join(lines)   # in line: no worker process
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=60)[0]
     finally:
@@ -271,3 +279,23 @@ def test_boundary_entropy_and_agreement_on_tiny_grids():
     other = m.copy()
     other[2, 2, 2] = False
     assert engine.mean_pairwise_dice([m, m, other]) == pytest.approx((1 + 2 * (2 * 7 / 15)) / 3, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_plain_trainers_load_without_the_trainer_search(tiny_model):
+    """nnUNetTrainer's network is built as nnUNetTrainer builds it, without importing trainer modules."""
+    code = (
+        "import sys; from pathlib import Path; from sacrum_masks import engine\n"
+        f"net = engine.Network(engine.ModelSpec(Path({str(tiny_model)!r}), (0,), 'final'), 1)\n"
+        "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
+        "p = net.predictor\n"
+        "ref = nnUNetTrainer.build_network_architecture(p.plans_manager, p.configuration_manager, 1, 2, False)\n"
+        "ref.load_state_dict(p.network.state_dict())\n"   # strict: the same modules and shapes
+        "print(type(p.network).__name__, type(ref).__name__)\n")
+    probe = code.replace("from nnunetv2.training", "print('seaborn' in sys.modules)\nfrom nnunetv2.training", 1)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "py")))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert lines[0] == "False"                       # no trainer module (and its seaborn) imported
+    assert lines[1] == lines[2] == "PlainConvUNet"

@@ -21,10 +21,16 @@ on. A worker process that dies (killed for memory) fails the images it had in fl
 started again. SIGTERM or Ctrl-C terminates every worker, removes their temporary files (the sink's
 ``cleanup``) and re-raises in the main process.
 
+Schedules (:func:`choose_schedule`): the pipeline above runs on a GPU and from 4 CPUs on. With a CPU
+network on fewer CPUs the same steps (the same functions) run **in line** in the main process, one image
+after another: there the network needs every CPU, and processes beside it cost it more than they save.
+
 Threads: ``workers`` is the CPU allocation (``--workers``, else ``SLURM_CPUS_PER_TASK``, else the CPUs
 this process may use). :func:`thread_plan` splits it into ``P`` worker processes of one thread each and
-``T = workers - P`` torch threads for the network, so the total never exceeds it; below 4 CPUs the network
-keeps them all and the one worker process runs at a lower priority (nice 10) in the network's gaps.
+``T = workers - P`` torch threads for the network, so the total never exceeds it.
+
+Memory: the run keeps freed memory for reuse (:mod:`sacrum_masks.memory`, set by predict.py and by each
+worker process): without it every forward pass page-faults its activations afresh.
 """
 
 from __future__ import annotations
@@ -95,30 +101,59 @@ def cpu_allocation(env=None) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-#: below this many CPUs the network takes all of them (see :func:`thread_plan`)
+#: below this many CPUs a CPU network runs in line with the reads and exports (see :func:`choose_schedule`)
 SMALL_ALLOCATION = 4
-#: niceness of the worker processes when they share the network's CPUs
-WORKER_NICE = 10
+#: the schedules of :func:`run` (``auto``: :func:`choose_schedule`)
+SCHEDULES = ("auto", "pipeline", "inline")
 
 
-def thread_plan(workers: int, n_images: int | None = None) -> tuple[int, int]:
+def choose_schedule(schedule: str, device: str, workers: int) -> str:
+    """``pipeline`` or ``inline`` for a run; ``auto`` picks by the device and the CPU allocation.
+
+    The pipeline (reader and export processes beside the network) pays when the network leaves CPUs
+    idle: on a GPU, or from :data:`SMALL_ALLOCATION` CPUs on, where the processes get CPUs of their own.
+    Below that a CPU network needs every CPU, and worker processes beside it slow its passes more than
+    the work they take off it (measured on 2 cores, ``bench/bench_engine.py`` row (c): the passes took
+    1.6x as long), so the same steps run in line, one image after another, in the main process.
+
+    >>> choose_schedule("auto", "cpu", 2), choose_schedule("auto", "cpu", 8), choose_schedule("auto", "cuda", 2)
+    ('inline', 'pipeline', 'pipeline')
+    >>> choose_schedule("pipeline", "cpu", 2)
+    'pipeline'
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if schedule != "auto":
+        return schedule
+    return "pipeline" if str(device).split(":")[0] != "cpu" or workers >= SMALL_ALLOCATION else "inline"
+
+
+def thread_plan(workers: int, n_images: int | None = None, schedule: str = "pipeline") -> tuple[int, int]:
     """``(P, T)``: worker processes (one thread each) and network torch threads for ``workers`` CPUs.
 
-    From :data:`SMALL_ALLOCATION` CPUs on, ``P`` is a quarter of the allocation (at most the number of
-    images) and ``T`` the rest, so ``P + T <= workers``. Below it, one worker process runs at nice
-    :data:`WORKER_NICE` and the network keeps every CPU: on 2 cores the network is most of the work
-    (measured: the real-size rows of bench/bench_engine.py), and the reader/export work fills its gaps.
+    In line, no worker process and every CPU for the network. Pipelined from :data:`SMALL_ALLOCATION`
+    CPUs on, ``P`` is a quarter of the allocation (at most the number of images) and ``T`` the rest, so
+    ``P + T <= workers``. Pipelined below it (on a GPU, or asked for), one worker process runs at nice
+    :data:`WORKER_NICE` beside a network that keeps every CPU.
 
-    >>> thread_plan(1), thread_plan(2), thread_plan(4), thread_plan(16), thread_plan(16, n_images=2)
-    ((1, 1), (1, 2), (1, 3), (4, 12), (2, 14))
+    >>> thread_plan(2, schedule="inline"), thread_plan(1), thread_plan(2), thread_plan(4), thread_plan(16)
+    ((0, 2), (1, 1), (1, 2), (1, 3), (4, 12))
+    >>> thread_plan(16, n_images=2)
+    (2, 14)
     """
     workers = max(1, int(workers))
+    if schedule == "inline":
+        return 0, workers
     if workers < SMALL_ALLOCATION:
         return 1, workers
     p = max(1, workers // 4)
     if n_images is not None:
         p = max(1, min(p, n_images))
     return p, max(1, workers - p)
+
+
+#: niceness of the one worker process when it shares the network's CPUs
+WORKER_NICE = 10
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -162,6 +197,44 @@ class _Bf16(object):
         return Bf16Network(network)
 
 
+#: trainers whose network is nnU-Net's own (they do not override ``build_network_architecture``): built
+#: without importing the trainer. nnU-Net's trainer search imports trainer modules, and with them
+#: matplotlib and seaborn (about 3 s of every run's model load), and for a trainer outside nnU-Net
+#: (ours) it prints its search through every module first.
+PLAIN_NETWORK_TRAINERS = frozenset({"nnUNetTrainer", "nnUNetTrainer_SacrumCPU"})
+
+
+class _PlainNetworkTrainer:
+    """Stands in for a trainer of :data:`PLAIN_NETWORK_TRAINERS`: nnUNetTrainer.build_network_architecture."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision=True):
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        cm = configuration_manager
+        return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                      cm.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
+                                      allow_init=True, deep_supervision=enable_deep_supervision)
+
+
+@contextlib.contextmanager
+def plain_trainer_lookup():
+    """nnU-Net's predictor finds :data:`PLAIN_NETWORK_TRAINERS` without importing them; any other by its search."""
+    import nnunetv2.inference.predict_from_raw_data as pfr
+
+    search = pfr.recursive_find_trainer_class_by_name
+
+    def find(name, *args, **kwargs):
+        return _PlainNetworkTrainer if name in PLAIN_NETWORK_TRAINERS else search(name, *args, **kwargs)
+
+    pfr.recursive_find_trainer_class_by_name = find
+    try:
+        yield
+    finally:
+        pfr.recursive_find_trainer_class_by_name = search
+
+
 class Network:
     """An nnU-Net model (one fold or an ensemble) loaded once in the main process.
 
@@ -185,8 +258,9 @@ class Network:
                                              use_mirroring=spec.mirroring,
                                              perform_everything_on_device=dev.type == "cuda", device=dev,
                                              verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        self.predictor.initialize_from_trained_model_folder(
-            str(spec.model_dir), use_folds=tuple(spec.folds), checkpoint_name=f"checkpoint_{spec.checkpoint}.pth")
+        with plain_trainer_lookup():
+            self.predictor.initialize_from_trained_model_folder(
+                str(spec.model_dir), use_folds=tuple(spec.folds), checkpoint_name=f"checkpoint_{spec.checkpoint}.pth")
         reader = self.predictor.plans_manager.plans.get("image_reader_writer", "SimpleITKIO")
         if reader not in PLAIN_READERS:
             raise InputError(spec.model_dir, f"plans.json image_reader_writer {reader!r} is not supported "
@@ -241,15 +315,24 @@ _W: dict = {}
 def _init_worker(model_dir: str, configuration: str, nice: int = 0) -> None:
     """Pool initializer: one thread, Ctrl-C left to the main process, SIGTERM unwinds (temporaries removed)."""
     os.environ["OMP_NUM_THREADS"] = "1"
+    from .memory import keep_freed_memory
+
+    keep_freed_memory()
     if nice:
         os.nice(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _worker_sigterm)
     import torch
+
+    torch.set_num_threads(1)
+    _load_state(model_dir, configuration)
+
+
+def _load_state(model_dir: str, configuration: str) -> None:
+    """What the reader and export tasks need: the plans, the configuration, the labels, the preprocessor."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    torch.set_num_threads(1)
     plans = PlansManager(load_json(str(Path(model_dir) / "plans.json")))
     dataset_json = load_json(str(Path(model_dir) / "dataset.json"))
     cm = plans.get_configuration(configuration)
@@ -410,6 +493,7 @@ class Progress:
     forward_seconds: float = 0.0
     wall_seconds: float = 0.0
     model_load_seconds: float = 0.0
+    schedule: str = ""
     per_image: list = field(default_factory=list)
 
 
@@ -480,7 +564,8 @@ class _Pool:
 
 def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers: int | None = None,
         report: Callable[[object, str, str], None], image_of=lambda job: str(job.image),
-        want_probabilities: bool = False, claim=None, release=None) -> Progress:
+        want_probabilities: bool = False, claim=None, release=None, device: str = "cpu",
+        schedule: str = "auto") -> Progress:
     """Segment ``jobs`` through the pipeline; every job gets exactly one ``report(job, status, detail)``.
 
     Parameters
@@ -498,21 +583,19 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
         ``claim(job)`` before a job is read: True goes on, ``(status, detail)`` is reported instead
         (``busy``: claimed by another run; ``up to date``: written meanwhile); ``release(job)`` after
         its last step.
+    device, schedule : str
+        The network's device and ``auto`` / ``pipeline`` / ``inline`` (:func:`choose_schedule`).
     """
     progress = Progress(images=len(jobs))
     if not jobs:
         return progress
     workers = cpu_allocation() if workers is None else workers
-    n_proc, n_threads = thread_plan(workers, len(jobs))
+    progress.schedule = choose_schedule(schedule, device, workers)
+    n_proc, n_threads = thread_plan(workers, len(jobs), progress.schedule)
     t0 = time.perf_counter()
     network = network_factory(n_threads)
     progress.model_load_seconds = time.perf_counter() - t0
-    nice = WORKER_NICE if n_proc + n_threads > workers else 0
-    pool = _Pool(n_proc, (str(network.spec.model_dir), network.configuration, nice))
-    ahead = n_proc + 1
-    todo = deque(jobs)
-    reads: deque = deque()            # [job, future, generation] in job order
-    exports: dict = {}                # future -> (job, generation)
+    pool = None
     in_flight: dict = {}              # id(job) -> job
     claimed: set = set()
     terminated = []
@@ -524,50 +607,81 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
             release(job)
         report(job, status, detail)
 
-    def fill_reads():
-        while todo and len(reads) < ahead:
-            job = todo.popleft()
-            if claim is not None:
-                got = claim(job)
-                if got is not True:   # (status, detail): another run has it, or wrote it meanwhile
-                    report(job, *(got or ("busy", "another run is writing it")))
-                    continue
-                claimed.add(id(job))
-            in_flight[id(job)] = job
-            reads.append([job, *pool.submit(read_case, image_of(job))])
+    def take(job) -> bool:
+        """Claim ``job`` (when there is a claim hook); False when it is reported instead."""
+        if claim is not None:
+            got = claim(job)
+            if got is not True:   # (status, detail): another run has it, or wrote it meanwhile
+                report(job, *(got or ("busy", "another run is writing it")))
+                return False
+            claimed.add(id(job))
+        in_flight[id(job)] = job
+        return True
 
-    def recover(generation):
-        """A worker died: start the pool again (once per death) and submit the pending reads again."""
-        if generation != pool.generation:
-            return
-        pool.restart()
-        for entry in reads:
-            entry[1:] = pool.submit(read_case, image_of(entry[0]))
+    def finish(job, out):
+        status, detail = out if isinstance(out, tuple) else (out, "")
+        done(job, status, detail)
 
-    def collect(block: bool):
-        if not exports:
-            return
-        finished, _ = cf.wait(list(exports), timeout=None if block else 0, return_when=cf.FIRST_COMPLETED)
-        for fut in finished:
-            job, generation = exports.pop(fut)
-            try:
-                out = fut.result()
-            except BrokenProcessPool as exc:
-                done(job, "failed", failure_reason(exc))
-                recover(generation)
+    def network_info(fold_masks) -> dict:
+        return {"fold_agreement_dice": mean_pairwise_dice(fold_masks or []),
+                "folds": len(network.predictor.list_of_parameters)}
+
+    def inline():
+        """Each image's steps one after another in this process (the same functions the workers run)."""
+        _load_state(str(network.spec.model_dir), network.configuration)
+        for job in jobs:
+            if not take(job):
                 continue
+            try:
+                case = read_case(image_of(job))
+                logits, fold_masks = network.logits(case.pop("data"))
+                out = export_case(job, image_of(job), logits, case["props"], network_info(fold_masks), sink,
+                                  want_probabilities)
             except Exception as exc:   # any step of this one image: its failure only
                 done(job, "failed", failure_reason(exc))
                 continue
-            status, detail = out if isinstance(out, tuple) else (out, "")
-            done(job, status, detail)
+            finish(job, out)
 
-    def on_term(signum, frame):
-        terminated.append(signum)
-        raise KeyboardInterrupt("SIGTERM")
+    def pipeline():
+        nonlocal pool
+        nice = WORKER_NICE if n_proc + n_threads > workers else 0
+        pool = _Pool(n_proc, (str(network.spec.model_dir), network.configuration, nice))
+        ahead = n_proc + 1
+        todo = deque(jobs)
+        reads: deque = deque()            # [job, future, generation] in job order
+        exports: dict = {}                # future -> (job, generation)
 
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    try:
+        def fill_reads():
+            while todo and len(reads) < ahead:
+                job = todo.popleft()
+                if take(job):
+                    reads.append([job, *pool.submit(read_case, image_of(job))])
+
+        def recover(generation):
+            """A worker died: start the pool again (once per death) and submit the pending reads again."""
+            if generation != pool.generation:
+                return
+            pool.restart()
+            for entry in reads:
+                entry[1:] = pool.submit(read_case, image_of(entry[0]))
+
+        def collect(block: bool):
+            if not exports:
+                return
+            finished, _ = cf.wait(list(exports), timeout=None if block else 0, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                job, generation = exports.pop(fut)
+                try:
+                    out = fut.result()
+                except BrokenProcessPool as exc:
+                    done(job, "failed", failure_reason(exc))
+                    recover(generation)
+                    continue
+                except Exception as exc:   # any step of this one image: its failure only
+                    done(job, "failed", failure_reason(exc))
+                    continue
+                finish(job, out)
+
         fill_reads()
         while reads:
             job, fut, generation = reads.popleft()
@@ -588,8 +702,7 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
             except Exception as exc:
                 done(job, "failed", failure_reason(exc))
                 continue
-            info = {"fold_agreement_dice": mean_pairwise_dice(fold_masks or []),
-                    "folds": len(network.predictor.list_of_parameters)}
+            info = network_info(fold_masks)
             del fold_masks
             while len(exports) >= ahead:
                 collect(block=True)
@@ -601,8 +714,17 @@ def run(jobs: list, network_factory: Callable[[int], Network], sink, *, workers:
         while exports:
             collect(block=True)
         pool.close()
+
+    def on_term(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt("SIGTERM")
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    try:
+        inline() if progress.schedule == "inline" else pipeline()
     except BaseException:
-        pool.terminate()
+        if pool is not None:
+            pool.terminate()
         cleanup = getattr(sink, "cleanup", None)
         if cleanup is not None:
             for job in list(in_flight.values()):
@@ -628,6 +750,7 @@ def write_stats(progress: Progress) -> None:
         return
     stats = {"images": progress.images, "wall_seconds": progress.wall_seconds,
              "forward_seconds": progress.forward_seconds, "model_load_seconds": progress.model_load_seconds,
+             "schedule": progress.schedule,
              "peak_rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
              "peak_rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
     Path(path).write_text(json.dumps(stats))

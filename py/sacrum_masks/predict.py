@@ -57,6 +57,7 @@ from .bids import BidsName, find_images, sidecar_path
 from .components import largest_component
 from . import derivatives
 from .derivatives import DerivativeFolder, Plan
+from .memory import keep_freed_memory
 from .errors import InputError, LockBusy
 from .folds import format_folds, parse_folds
 from .nifti import (check_file, from_rpi, load_image, mask_like, remove_stale_temporaries, sha256_file, to_rpi,
@@ -532,6 +533,7 @@ class Settings:
     preset: str | None = None
     lock_dir: Path | None = None                # None: the claims and locks beside the outputs
     report: Path | None = None                  # --report FILE.json
+    schedule: str = "auto"                      # engine.choose_schedule: auto, pipeline, inline
 
 
 def lock_output_folder(stack: ExitStack, folder: Path, shard: tuple[int, int], wait: bool,
@@ -700,6 +702,7 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, ne
                 todo.append(Job(it, folder, mask_path, plan,
                                 probseg_path(folder, it.image) if settings.save_probabilities else None))
         if todo:
+            keep_freed_memory()   # before the model's first tensor: the passes reuse their memory (memory.py)
             sink = (sink_factory or WriteMask)(identity)
             log = _Log(batch, len(todo), stream)
             held: dict = {}
@@ -738,7 +741,7 @@ def run_predict(items: list[Item], settings: Settings, *, model_factory=None, ne
 
                     engine.run(todo, network_factory or engine_network_factory(settings), sink,
                                workers=settings.workers, report=report, want_probabilities=settings.save_probabilities,
-                               claim=claim, release=release)
+                               claim=claim, release=release, device=settings.device, schedule=settings.schedule)
             finally:
                 log.close()
                 for got in held.values():
@@ -860,11 +863,14 @@ _MODEL_HELP = ("nnU-Net model folder; default: the one `make train` writes, "
                                      "outputs on one without flock (then only runs on this node exclude each other).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), envvar="SACRUM_REPORT", show_envvar=True,
               help="Write every image's status and the counts to this JSON file (read by slurm-summary).")
+@click.option("--schedule", type=click.Choice(["auto", "pipeline", "inline"]), default="auto", envvar="SACRUM_SCHEDULE",
+              show_envvar=True, help="auto: reader/export processes beside the network on a GPU or from 4 CPUs on, "
+                                     "the same steps in line below 4 CPUs (README, Stage 4 engine).")
 @click.option("--serial", is_flag=True, hidden=True,
               help="One image after the other in one process (predict_single_npy_array): the benchmark's baseline.")
 def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold, checkpoint, gpu, device, preset,
                     tile_step, mirroring, workers, save_probabilities, force, wait, shard, contrast, output_dir,
-                    lock_dir, report, serial):
+                    lock_dir, report, schedule, serial):
     """Write sacrum masks (BIDS derivatives/labels) for the images of a test config and/or BIDS datasets.
 
     Exit status: 0 when nothing failed (also when another run holds a lock), 1 when an image failed,
@@ -903,7 +909,7 @@ def predict_command(config, datasets_path, bids_dirs, model_dir, model_zip, fold
         click.echo(f"predict: shard {shard[0]}/{shard[1]}: {len(selected)} of {len(items)} images")
     settings = Settings(Path(model_dir), fold, checkpoint, device, chosen["tile_step"], mirroring, force, wait, shard,
                         contrasts, output_dir, workers, save_probabilities, chosen.get("bf16", False), preset,
-                        lock_dir, report)
+                        lock_dir, report, schedule)
     serial_model = (lambda s: NnunetModel(s.model_dir, s.fold, s.checkpoint, s.device, s.tile_step, s.mirroring)) \
         if serial else None
     sys.exit(run_predict(selected, settings, model_factory=serial_model))
