@@ -57,10 +57,14 @@ def tunables_env(env=None) -> dict:
     'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647'
     >>> tunables_env({"SACRUM_MALLOC": "system"})
     {}
+    >>> tunables_env({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=4"})["GLIBC_TUNABLES"]
+    'glibc.malloc.mmap_max=4'
     """
     env = os.environ if env is None else env
     if env.get("SACRUM_MALLOC", "").strip().lower() == "system":
         return {}
     ours = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={KEEP_ALL}"
     current = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.mmap_max" in current:   # set already (by us, or by the user: theirs wins)
+        return {"GLIBC_TUNABLES": current}
     return {"GLIBC_TUNABLES": f"{current}:{ours}" if current else ours}
