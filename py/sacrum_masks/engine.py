@@ -113,8 +113,8 @@ def choose_schedule(schedule: str, device: str, workers: int) -> str:
     The pipeline (reader and export processes beside the network) pays when the network leaves CPUs
     idle: on a GPU, or from :data:`SMALL_ALLOCATION` CPUs on, where the processes get CPUs of their own.
     Below that a CPU network needs every CPU, and worker processes beside it slow its passes more than
-    the work they take off it (measured on 2 cores, ``bench/bench_engine.py`` row (c): the passes took
-    1.6x as long), so the same steps run in line, one image after another, in the main process.
+    the work they take off it (measured on 2 cores at real size, ``bench/bench_engine.py`` row (c): the
+    passes took 1.22x as long), so the same steps run in line, one image after another, in the main process.
 
     >>> choose_schedule("auto", "cpu", 2), choose_schedule("auto", "cpu", 8), choose_schedule("auto", "cuda", 2)
     ('inline', 'pipeline', 'pipeline')
@@ -235,6 +235,33 @@ def plain_trainer_lookup():
         pfr.recursive_find_trainer_class_by_name = search
 
 
+def load_predictor(model_dir, folds, checkpoint: str, device: str, tile_step: float, mirroring: bool):
+    """nnU-Net's predictor for a trained model folder, as the engine and the serial path both load it.
+
+    Trainers of :data:`PLAIN_NETWORK_TRAINERS` are found without nnU-Net's trainer search; a plans file
+    whose ``image_reader_writer`` we do not reproduce is one InputError.
+    """
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from .errors import InputError
+    from .predict import PLAIN_READERS
+
+    dev = torch.device(device)
+    with contextlib.redirect_stdout(io.StringIO()):   # nnU-Net's notes on CPU devices: not for the log
+        predictor = nnUNetPredictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
+                                    perform_everything_on_device=dev.type == "cuda", device=dev,
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    with plain_trainer_lookup():
+        predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=folds,
+                                                       checkpoint_name=f"checkpoint_{checkpoint}.pth")
+    reader = predictor.plans_manager.plans.get("image_reader_writer", "SimpleITKIO")
+    if reader not in PLAIN_READERS:
+        raise InputError(model_dir, f"plans.json image_reader_writer {reader!r} is not supported "
+                         f"(expected one of {', '.join(PLAIN_READERS)})")
+    return predictor
+
+
 class Network:
     """An nnU-Net model (one fold or an ensemble) loaded once in the main process.
 
@@ -244,27 +271,12 @@ class Network:
 
     def __init__(self, spec: ModelSpec, threads: int | None = None):
         import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-        from .predict import PLAIN_READERS
-        from .errors import InputError
 
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
-        dev = torch.device(spec.device)
         self.spec = spec
-        with contextlib.redirect_stdout(io.StringIO()):   # nnU-Net's notes on CPU devices: not for the log
-            self.predictor = nnUNetPredictor(tile_step_size=spec.tile_step, use_gaussian=True,
-                                             use_mirroring=spec.mirroring,
-                                             perform_everything_on_device=dev.type == "cuda", device=dev,
-                                             verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        with plain_trainer_lookup():
-            self.predictor.initialize_from_trained_model_folder(
-                str(spec.model_dir), use_folds=tuple(spec.folds), checkpoint_name=f"checkpoint_{spec.checkpoint}.pth")
-        reader = self.predictor.plans_manager.plans.get("image_reader_writer", "SimpleITKIO")
-        if reader not in PLAIN_READERS:
-            raise InputError(spec.model_dir, f"plans.json image_reader_writer {reader!r} is not supported "
-                             f"(expected one of {', '.join(PLAIN_READERS)})")
+        self.predictor = load_predictor(spec.model_dir, tuple(spec.folds), spec.checkpoint, spec.device,
+                                        spec.tile_step, spec.mirroring)
         if spec.bf16:
             self.predictor.network = _Bf16(self.predictor.network)
         if spec.compile:

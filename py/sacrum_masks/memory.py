@@ -27,6 +27,10 @@ KEEP_ALL = 2**31 - 1
 _applied: list[bool] = []
 
 
+def _switched_off(env) -> bool:
+    return env.get("SACRUM_MALLOC", "").strip().lower() == "system"
+
+
 def keep_freed_memory(env=None) -> bool:
     """Set the malloc options of this process (once); False where they cannot be set or are switched off.
 
@@ -34,7 +38,7 @@ def keep_freed_memory(env=None) -> bool:
     False
     """
     env = os.environ if env is None else env
-    if env.get("SACRUM_MALLOC", "").strip().lower() == "system":
+    if _switched_off(env):
         return False
     if _applied:
         return _applied[0]
@@ -61,7 +65,7 @@ def tunables_env(env=None) -> dict:
     'glibc.malloc.mmap_max=4'
     """
     env = os.environ if env is None else env
-    if env.get("SACRUM_MALLOC", "").strip().lower() == "system":
+    if _switched_off(env):
         return {}
     ours = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={KEEP_ALL}"
     current = env.get("GLIBC_TUNABLES", "")

@@ -488,24 +488,12 @@ class NnunetModel:
                  tile_step: float = 0.5, mirroring: bool = False):
         """``fold``: a ``FOLD`` value (``0``, ``"0 1 2"``, ``"all"``); several folds are one ensemble whose
         outputs are averaged as ``nnUNetv2_predict -f 0 1 2`` does (nnU-Net's own predictor, ``use_folds``)."""
-        import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
+        from .engine import load_predictor
         from .folds import parse_folds
 
         checkpoint_files(model_dir, fold, checkpoint)   # one line naming the folds that are there
         self.folds = parse_folds(fold)
-
-        dev = torch.device(device)
-        self.predictor = nnUNetPredictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
-                                         perform_everything_on_device=dev.type == "cuda", device=dev,
-                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        self.predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=self.folds,
-                                                            checkpoint_name=f"checkpoint_{checkpoint}.pth")
-        reader = self.predictor.plans_manager.plans.get("image_reader_writer", "SimpleITKIO")
-        if reader not in PLAIN_READERS:
-            raise InputError(model_dir, f"plans.json image_reader_writer {reader!r} is not supported "
-                             f"(expected one of {', '.join(PLAIN_READERS)})")
+        self.predictor = load_predictor(model_dir, self.folds, checkpoint, device, tile_step, mirroring)
 
     def predict(self, array: np.ndarray, spacing: list) -> np.ndarray:
         return self.predictor.predict_single_npy_array(array, {"spacing": list(spacing)}, None, None, False)
